@@ -1,0 +1,5 @@
+"""Lightning callbacks of vaelab."""
+
+from vaelab.callbacks.images import ImageLogger
+
+__all__ = ["ImageLogger"]

@@ -1,0 +1,143 @@
+"""Shared machinery of the image datamodules: in-memory uint8 tensors, a seeded validation
+split and loaders that fetch whole batches by index (no per-item Python work)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class TensorBatches(Dataset):
+    """Images and labels held as tensors. ``__getitems__`` lets the DataLoader fetch a
+    whole batch with one indexing operation instead of one call per example."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels.")
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> Batch:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> Batch:
+        index = torch.as_tensor(indices)
+        return self.images[index], self.labels[index]
+
+
+def _keep_batch(batch: Batch) -> Batch:
+    """Collate function for batches that ``__getitems__`` has already assembled."""
+    return batch
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Base class: subclasses set ``num_classes`` and ``input_shape`` and implement
+    ``load()`` (and ``download()`` where the data can be fetched)."""
+
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    def __init__(
+        self,
+        data_dir: str,
+        batch_size: int = 128,
+        eval_batch_size: int = 500,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        val_size: int = 10_000,
+        split_seed: int = 0,
+        download: bool = True,
+        num_classes: int | None = None,
+        input_shape: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if num_classes is not None and num_classes != self.num_classes:
+            raise ValueError(f"{name} has {self.num_classes} classes, not num_classes={num_classes}.")
+        if input_shape is not None and tuple(input_shape) != self.input_shape:
+            raise ValueError(
+                f"{name} images have shape {list(self.input_shape)}, not input_shape={list(input_shape)}."
+            )
+        if batch_size <= 0 or eval_batch_size <= 0:
+            raise ValueError(f"Batch sizes must be positive, got {batch_size} and {eval_batch_size}.")
+        self.data_dir = data_dir
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.val_size, self.split_seed = val_size, split_seed
+        self.download = download
+        self.train_set: TensorBatches | None = None
+        self.val_set: TensorBatches | None = None
+        self.test_set: TensorBatches | None = None
+
+    # -- what each dataset defines -------------------------------------------------------
+    def load(self) -> dict[str, Batch]:
+        """Return ``{"train": (images, labels), "test": (images, labels)}``: uint8 images of
+        shape (N, *input_shape) and int64 labels in [0, num_classes)."""
+        raise NotImplementedError
+
+    def preprocess(self, batch: Batch, train: bool) -> Batch:
+        """Turn a uint8 batch into the model's input; ``train`` selects training-time noise."""
+        images, labels = batch
+        return images.float().div_(255), labels
+
+    def prepare_eval_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Fix any randomness of evaluation inputs once (e.g. a fixed binarization)."""
+        return images
+
+    # -- Lightning hooks -------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        data = self.load()
+        images, labels = data["train"]
+        if not 0 <= self.val_size < len(labels):
+            raise ValueError(
+                f"val_size={self.val_size} must lie in [0, {len(labels)}) for {len(labels)} "
+                "training examples."
+            )
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))
+        val, train = order[: self.val_size], order[self.val_size :]
+        self.train_set = TensorBatches(images[train], labels[train])
+        self.val_set = TensorBatches(self.prepare_eval_images(images[val]), labels[val])
+        self.test_set = TensorBatches(self.prepare_eval_images(data["test"][0]), data["test"][1])
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        training = self.trainer is not None and self.trainer.training
+        return self.preprocess(batch, train=training)
+
+    def _loader(self, dataset: TensorBatches | None, batch_size: int, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"Call {type(self).__name__}.setup() before asking for data loaders.")
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            collate_fn=_keep_batch,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+
+    def example_batch(self, n: int, split: str = "test") -> Batch:
+        """The first ``n`` examples of a split, preprocessed as for evaluation (used for
+        reconstruction grids, so the same images are shown every epoch)."""
+        self.setup()
+        dataset: TensorBatches = getattr(self, f"{split}_set")
+        return self.preprocess(dataset.__getitems__(range(min(n, len(dataset)))), train=False)

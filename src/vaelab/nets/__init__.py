@@ -1,0 +1,5 @@
+"""Deterministic networks (encoders, decoders, classifiers); nothing probabilistic lives here."""
+
+from vaelab.nets.mlp import MLP
+
+__all__ = ["MLP"]

@@ -1,0 +1,83 @@
+"""Training entry point: ``python train.py [overrides]`` composes ``conf/train.yaml``."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import warnings
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+from vaelab.utils import (
+    CONFIG_DIR,
+    apply_extras,
+    instantiate_callbacks,
+    instantiate_loggers,
+    log_hyperparameters,
+)
+
+log = logging.getLogger(__name__)
+
+# The datasets live in memory and are indexed by whole batches: loader workers only add overhead.
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+
+def finish_wandb() -> None:
+    """Close the W&B run, if one was started, so the next job of a sweep starts a new one."""
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].finish()
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the model, then test the best checkpoint; return every logged metric."""
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    model: pl.LightningModule = hydra.utils.instantiate(cfg.model)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    log_hyperparameters(cfg, model, loggers)
+
+    metrics: dict[str, float] = {}
+    try:
+        if cfg.get("train"):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            metrics.update(trainer.callback_metrics)
+        if cfg.get("test"):
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            if cfg.get("train") and not best:
+                log.warning("No best checkpoint was saved; testing the current weights.")
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+            metrics.update(trainer.callback_metrics)
+    finally:
+        finish_wandb()
+    return {name: float(value) for name, value in metrics.items()}
+
+
+def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
+    """The value a sweep optimises; a clear error when it was never logged."""
+    if not name:
+        return None
+    if name not in metrics:
+        raise KeyError(
+            f"optimized_metric={name!r} was not logged; logged metrics: {', '.join(sorted(metrics))}."
+        )
+    value = metrics[name]
+    if not math.isfinite(value):
+        log.warning("optimized_metric %s is %s.", name, value)
+    return value
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    apply_extras(cfg)
+    metrics = train(cfg)
+    return metric_value(metrics, cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Where the configs live, and printing/saving of the composed config."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import rich
+import rich.syntax
+import rich.tree
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+CONFIG_DIR = PROJECT_ROOT / "conf"
+
+if not OmegaConf.has_resolver("vaelab_root"):
+    OmegaConf.register_new_resolver("vaelab_root", lambda: str(PROJECT_ROOT))
+
+FIRST_FIELDS = ("data", "model", "callbacks", "logger", "trainer", "paths", "extras")
+
+
+def print_config_tree(cfg: DictConfig, save_dir: str | None = None, order: Sequence[str] = FIRST_FIELDS) -> None:
+    """Print the resolved config as a rich tree (main groups first) and, with ``save_dir``,
+    write it there as ``config_tree.log`` and ``config.yaml``."""
+    tree = rich.tree.Tree("CONFIG", style="dim", guide_style="dim")
+    fields = [f for f in order if f in cfg] + [f for f in cfg if f not in order]
+    for field in fields:
+        branch = tree.add(field, style="bold", guide_style="dim")
+        value = cfg[field]
+        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        branch.add(rich.syntax.Syntax(text, "yaml"))
+    rich.print(tree)
+    if save_dir is not None:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(save_dir) / "config_tree.log", "w") as file:
+            rich.print(tree, file=file)
+        OmegaConf.save(cfg, Path(save_dir) / "config.yaml", resolve=True)
+
+
+def apply_extras(cfg: DictConfig) -> None:
+    """Optional conveniences from ``cfg.extras``: silence Python warnings, print the config."""
+    extras = cfg.get("extras") or {}
+    if extras.get("ignore_warnings"):
+        warnings.filterwarnings("ignore")
+    if extras.get("print_config"):
+        print_config_tree(cfg, save_dir=cfg.paths.output_dir)

@@ -1,0 +1,79 @@
+"""Every config group option composes, and what it builds instantiates."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import hydra
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from vaelab.utils import CONFIG_DIR, PROJECT_ROOT, instantiate_callbacks, instantiate_loggers
+from conftest import compose_config
+
+
+def options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def test_groups_have_the_documented_options():
+    assert {"default", "cpu", "gpu"} <= set(options("trainer"))
+    assert {"wandb", "csv", "tensorboard", "many"} <= set(options("logger"))
+    assert {"mnist"} <= set(options("data")) and {"vae"} <= set(options("model"))
+
+
+@pytest.mark.parametrize("data", options("data"))
+@pytest.mark.parametrize("model", options("model"))
+def test_model_and_data_instantiate(model, data, quick_overrides):
+    cfg = compose_config("train", [*quick_overrides, f"model={model}", f"data={data}"])
+    datamodule = hydra.utils.instantiate(cfg.data)
+    net = hydra.utils.instantiate(cfg.model)
+    assert tuple(net.input_shape) == datamodule.input_shape
+    assert isinstance(net.configure_optimizers(), torch.optim.Optimizer)
+    assert len(instantiate_callbacks(cfg.callbacks)) == len(cfg.callbacks)
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_trainers_instantiate(trainer, quick_overrides):
+    cfg = compose_config("train", [*quick_overrides, f"trainer={trainer}"])
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        pytest.skip("no GPU here; the config composed")
+    assert hydra.utils.instantiate(cfg.trainer, logger=False).max_epochs == cfg.trainer.max_epochs
+
+
+@pytest.mark.parametrize("logger", options("logger"))
+def test_loggers_instantiate_with_csv_always(logger, quick_overrides):
+    cfg = compose_config("train", [*quick_overrides, f"logger={logger}"])  # W&B: WANDB_MODE=disabled
+    loggers = instantiate_loggers(cfg.logger)
+    names = {type(lg).__name__ for lg in loggers}
+    assert "CSVLogger" in names
+    assert len(loggers) == len(cfg.logger)
+
+
+PRESETS = [f"debug={name}" for name in options("debug")] + [f"experiment={name}" for name in options("experiment")]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_compose_and_resolve(preset, quick_overrides):
+    cfg = compose_config("train", [*quick_overrides, preset])
+    OmegaConf.resolve(cfg)
+    hydra.utils.instantiate(cfg.trainer, logger=False)
+
+
+def test_evaluate_config_composes(quick_overrides):
+    cfg = compose_config("evaluate", [*quick_overrides, "ckpt_path=some.ckpt"])
+    assert cfg.ckpt_path == "some.ckpt" and cfg.task_name == "evaluate"
+
+
+def test_cli_prints_a_complete_config(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", "--cfg", "job", "--resolve", f"paths.data_dir={tmp_path}"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    cfg = OmegaConf.create(result.stdout)
+    assert cfg.model.input_shape == cfg.data.input_shape == [1, 28, 28]
+    assert cfg.data.data_dir == str(tmp_path)
+    assert {"data", "model", "trainer", "logger", "callbacks", "paths", "seed"} <= set(cfg)

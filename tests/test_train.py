@@ -1,0 +1,77 @@
+"""End-to-end runs on real MNIST: fast_dev_run, a short run that learns, evaluation."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vaelab.evaluate import evaluate
+from vaelab.train import metric_value, train
+from conftest import compose_config
+
+
+def test_fast_dev_run_trains_validates_and_tests(quick_overrides):
+    metrics = train(compose_config("train", [*quick_overrides, "debug=fdr"]))
+    assert {"train/elbo", "train/recon", "train/kl", "val/elbo", "test/elbo", "test/kl"} <= set(metrics)
+    assert -800 < metrics["test/elbo"] < 0
+
+
+@pytest.fixture(scope="module")
+def short_run(mnist_dir, tmp_path_factory):
+    """Two short epochs of the default VAE on an MNIST subset (60 batches of 64 per epoch)."""
+    out = tmp_path_factory.mktemp("run")
+    overrides = [
+        f"paths.data_dir={mnist_dir}", f"paths.output_dir={out}", f"paths.log_dir={out}",
+        "logger=csv", "trainer=cpu", "extras.print_config=false",
+        "trainer.max_epochs=2", "trainer.limit_train_batches=60", "trainer.limit_val_batches=4",
+        "trainer.limit_test_batches=4", "data.batch_size=64",
+    ]
+    return out, overrides, train(compose_config("train", overrides))
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    with open(path) as file:
+        return list(csv.DictReader(file))
+
+
+def test_short_run_raises_validation_elbo(short_run):
+    out, _, metrics = short_run
+    rows = read_metrics(out / "csv" / "metrics.csv")
+    val = {int(r["epoch"]): float(r["val/elbo"]) for r in rows if r.get("val/elbo")}
+    assert sorted(val) == [0, 1]
+    assert val[1] > val[0], val
+    assert float(next(r["val/kl"] for r in rows if r.get("val/kl"))) > 0
+    assert any(r.get("train/elbo") for r in rows)
+    assert metric_value(metrics, "val/elbo") == pytest.approx(val[1])
+
+
+def test_short_run_writes_checkpoints_and_image_grids(short_run):
+    out, _, _ = short_run
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((out / "checkpoints").glob("epoch_*.ckpt"))) == 1
+    for epoch in (0, 1):
+        samples = Image.open(out / "images" / f"samples_epoch{epoch:03d}.png")
+        assert samples.size == (8 * 30 + 2, 8 * 30 + 2)  # 8 x 8 digits, 2-pixel borders
+        recons = Image.open(out / "images" / f"reconstructions_epoch{epoch:03d}.png")
+        assert recons.size == (16 * 30 + 2, 4 * 30 + 2)  # 32 (original, reconstruction) pairs, 8 a row
+
+
+def test_evaluate_reproduces_the_test_elbo_of_the_best_checkpoint(short_run, quick_overrides):
+    out, _, metrics = short_run
+    best = next((out / "checkpoints").glob("epoch_*.ckpt"))
+    overrides = [*quick_overrides, "trainer.limit_test_batches=4", f"ckpt_path={best}"]
+    result = evaluate(compose_config("evaluate", overrides))
+    assert result["test/elbo"] == pytest.approx(metrics["test/elbo"], abs=1.0)
+
+
+def test_evaluate_rejects_a_missing_checkpoint(quick_overrides, tmp_path):
+    with pytest.raises(FileNotFoundError, match="ckpt_path=.*nothing.ckpt does not exist"):
+        evaluate(compose_config("evaluate", [*quick_overrides, f"ckpt_path={tmp_path}/nothing.ckpt"]))
+
+
+def test_optimized_metric_must_have_been_logged():
+    with pytest.raises(KeyError, match="optimized_metric='val/acc' was not logged; logged metrics: val/elbo"):
+        metric_value({"val/elbo": -100.0}, "val/acc")

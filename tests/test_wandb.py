@@ -1,0 +1,94 @@
+"""W&B mode resolution, and an offline run that writes its files and never opens a connection."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from vaelab.utils import PROJECT_ROOT, resolve_wandb_mode
+
+
+@pytest.fixture
+def no_credentials(monkeypatch, tmp_path):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+
+
+def test_mode_is_offline_without_credentials(no_credentials):
+    assert resolve_wandb_mode(None) == "offline"
+
+
+def test_mode_is_online_with_an_api_key(no_credentials, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_wandb_mode(None) == "online"
+
+
+def test_mode_is_online_with_a_netrc_entry(no_credentials, tmp_path):
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "x" * 40 + "\n")
+    assert resolve_wandb_mode(None) == "online"
+
+
+def test_explicit_mode_and_environment_take_precedence(no_credentials, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_wandb_mode("offline") == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_wandb_mode(None) == "disabled"
+    with pytest.raises(ValueError, match="logger.wandb.mode='offlne' is not one of online, offline, disabled"):
+        resolve_wandb_mode("offlne")
+
+
+class ConnectionCounter:
+    """A local TCP listener standing in for the W&B server: it counts who connects."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.2)
+        self.port = self.server.getsockname()[1]
+        self.connections = 0
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while self.running:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join()
+        self.server.close()
+
+
+def test_offline_run_writes_wandb_files_without_network(mnist_dir, tmp_path):
+    server = ConnectionCounter()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "netrc"), WANDB_BASE_URL=f"http://127.0.0.1:{server.port}")
+    run_dir = tmp_path / "run"
+    try:
+        result = subprocess.run(
+            [
+                sys.executable, "train.py", "logger=wandb", "trainer=cpu", f"paths.data_dir={mnist_dir}",
+                f"hydra.run.dir={run_dir}", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+                "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "extras.print_config=false",
+            ],
+            cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )
+    finally:
+        server.close()
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    assert "wandb sync" in result.stdout + result.stderr
+    assert server.connections == 0
+    assert (run_dir / "csv" / "metrics.csv").is_file()
