@@ -27,14 +27,22 @@ class LatentVariableModel(pl.LightningModule):
         terms = self.elbo(batch)
         means = {f"{stage}/{name}": value.mean() for name, value in terms.items()}
         training = stage == "train"
-        self.log_dict(
-            means,
-            on_step=training,
-            on_epoch=not training,
-            sync_dist=not training,
-            batch_size=len(terms["elbo"]),
-        )
+        if not training or self._loggers_write_this_step():
+            self.log_dict(
+                means,
+                on_step=training,
+                on_epoch=not training,
+                sync_dist=not training,
+                batch_size=len(terms["elbo"]),
+            )
         return -means[f"{stage}/elbo"]
+
+    def _loggers_write_this_step(self) -> bool:
+        """Lightning hands training-step metrics to the loggers only every
+        ``log_every_n_steps`` steps; calling ``self.log`` on the other steps costs ~9% of a
+        small model's CPU step and shows up nowhere (measured by benchmarks/throughput.py)."""
+        every = self.trainer.log_every_n_steps
+        return bool(self.trainer.fast_dev_run) or (every > 0 and (self.global_step + 1) % every == 0)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")

@@ -1,0 +1,142 @@
+"""Training throughput of a model under Lightning versus a plain PyTorch loop.
+
+Both train the same model (built from the same Hydra config) on the same MNIST batches in one
+process, alternating rounds so machine noise hits both alike. The first ``--warmup`` steps of
+every run are not timed. Lightning runs as ``python train.py`` does (CSV logging, rich progress
+bar) minus validation and checkpoints, and also bare (no logger, no progress bar). Prints JSON.
+
+    python benchmarks/throughput.py --steps 300 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+from pytorch_lightning.loggers import CSVLogger
+
+from vaelab.utils import CONFIG_DIR
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+
+class StepTimer(pl.Callback):
+    """Wall time from the start of step ``warmup`` to the end of the last step."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.start = self.end = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.end = time.perf_counter()
+
+
+def build(overrides: list[str]):
+    """The datamodule, model and progress bar that ``python train.py`` would build."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    torch.manual_seed(0)
+    instantiate = hydra.utils.instantiate
+    return instantiate(cfg.data), instantiate(cfg.model), instantiate(cfg.callbacks.rich_progress_bar)
+
+
+def lightning_seconds(overrides: list[str], warmup: int, steps: int, product: bool) -> float:
+    datamodule, model, progress_bar = build(overrides)
+    timer = StepTimer(warmup)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=warmup + steps,
+            limit_val_batches=0,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            logger=CSVLogger(out, name="csv") if product else False,
+            enable_progress_bar=product,
+            callbacks=[timer, progress_bar] if product else [timer],
+        )
+        trainer.fit(model, datamodule=datamodule)
+    return timer.end - timer.start
+
+
+def plain_seconds(overrides: list[str], warmup: int, steps: int) -> float:
+    datamodule, model, _ = build(overrides)
+    datamodule.setup("fit")
+    optimizer = model.configure_optimizers()
+    model.train()
+    step, start = 0, 0.0
+    while step < warmup + steps:
+        for batch in datamodule.train_dataloader():
+            if step == warmup:
+                start = time.perf_counter()
+            loss = -model.elbo(datamodule.preprocess(batch, train=True))["elbo"].mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step == warmup + steps:
+                break
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vae")
+    parser.add_argument("--steps", type=int, default=300, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=30, help="untimed steps per run")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of (Lightning, plain)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA_DIR"))
+    args = parser.parse_args()
+
+    overrides = [f"model={args.model}", f"data.batch_size={args.batch_size}", "paths.output_dir=."]
+    if args.data_dir:
+        overrides.append(f"paths.data_dir={args.data_dir}")
+    runs: dict[str, list[float]] = {"plain": [], "lightning": [], "lightning_bare": []}
+    for round_ in range(args.repeats):
+        order = ["plain", "lightning", "lightning_bare"]
+        for name in order if round_ % 2 == 0 else order[::-1]:
+            if name == "plain":
+                seconds = plain_seconds(overrides, args.warmup, args.steps)
+            else:
+                seconds = lightning_seconds(overrides, args.warmup, args.steps, product=name == "lightning")
+            runs[name].append(args.steps * args.batch_size / seconds)
+
+    median = {name: statistics.median(values) for name, values in runs.items()}
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "batch_size": args.batch_size,
+                "timed_steps": args.steps,
+                "repeats": args.repeats,
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "lightning": pl.__version__,
+                "cpu": platform.processor() or platform.machine(),
+                "images_per_s": {name: round(value, 1) for name, value in median.items()},
+                "images_per_s_runs": {name: [round(v, 1) for v in values] for name, values in runs.items()},
+                "ratio_lightning_to_plain": round(median["lightning"] / median["plain"], 3),
+                "ratio_lightning_bare_to_plain": round(median["lightning_bare"] / median["plain"], 3),
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
