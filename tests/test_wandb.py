@@ -90,5 +90,6 @@ def test_offline_run_writes_wandb_files_without_network(mnist_dir, tmp_path):
     runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
     assert "wandb sync" in result.stdout + result.stderr
+    assert list(run_dir.glob("wandb/offline-run-*/files/media/images/images/samples_*.png"))
     assert server.connections == 0
     assert (run_dir / "csv" / "metrics.csv").is_file()
