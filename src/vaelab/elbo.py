@@ -8,7 +8,7 @@ not a per-pixel mean).
 from __future__ import annotations
 
 import torch
-from torch.distributions import Bernoulli, Distribution, Independent, Normal, kl_divergence
+from torch.distributions import Bernoulli, Categorical, Distribution, Independent, Normal, kl_divergence
 
 
 def diag_gaussian(mu: torch.Tensor, logvar: torch.Tensor) -> Independent:
@@ -23,8 +23,9 @@ def standard_normal(like: torch.Tensor) -> Independent:
 
 
 def bernoulli_image(logits: torch.Tensor) -> Independent:
-    """p(x|z) = prod_pixels Bernoulli(sigmoid(logits)), one event over (C, H, W)."""
-    return Independent(Bernoulli(logits=logits, validate_args=False), logits.dim() - 1)
+    """p(x|z) = prod_pixels Bernoulli(sigmoid(logits)), one event over the last three
+    dimensions (C, H, W); any leading dimensions are batch dimensions."""
+    return Independent(Bernoulli(logits=logits, validate_args=False), 3)
 
 
 def kl_to_prior(qz: Independent) -> torch.Tensor:
@@ -42,3 +43,26 @@ def elbo_terms(x: torch.Tensor, px: Distribution, qz: Independent) -> dict[str, 
     recon = px.log_prob(x)
     kl = kl_to_prior(qz)
     return {"elbo": recon - kl, "recon": recon, "kl": kl}
+
+
+def labeled_bound(x: torch.Tensor, px: Distribution, qz: Independent, log_py: float | torch.Tensor) -> dict[str, torch.Tensor]:
+    """M2's labeled bound  L(x,y) = E_q(z|x,y)[log p(x|y,z) + log p(y) + log p(z) - log q(z|x,y)]
+    = log p(x|y,z) - KL(q(z|x,y) || p(z)) + log p(y), per example."""
+    terms = elbo_terms(x, px, qz)
+    terms["elbo"] = terms["elbo"] + log_py
+    return terms
+
+
+def unlabeled_bound(per_class: dict[str, torch.Tensor], qy_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """M2's unlabeled bound  U(x) = sum_y q(y|x) L(x,y) + H(q(y|x)), per example.
+
+    ``per_class`` holds the labeled-bound terms for every class, each of shape (K, B);
+    ``qy_logits`` (B, K) parameterise q(y|x). Every term is returned as its expectation under
+    q(y|x), with ``elbo`` = U(x) and ``entropy`` = H(q(y|x)).
+    """
+    qy = Categorical(logits=qy_logits, validate_args=False)
+    weights = qy.probs.T
+    terms = {name: (weights * value).sum(0) for name, value in per_class.items()}
+    terms["entropy"] = qy.entropy()
+    terms["elbo"] = terms["elbo"] + terms["entropy"]
+    return terms

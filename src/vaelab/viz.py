@@ -19,3 +19,8 @@ def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, 
         raise ValueError(f"Shapes differ: {tuple(originals.shape)} vs {tuple(reconstructions.shape)}.")
     pairs = torch.stack([originals, reconstructions], dim=1).flatten(0, 1)
     return image_grid(pairs, nrow=2 * pairs_per_row)
+
+
+def table_grid(images: torch.Tensor) -> torch.Tensor:
+    """Lay out a (rows, cols, C, H, W) table of images as one grid, row by row."""
+    return image_grid(images.flatten(0, 1), nrow=images.shape[1])

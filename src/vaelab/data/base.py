@@ -7,7 +7,10 @@ from collections.abc import Sequence
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
+
+from vaelab.data.split import balanced_split, parse_labeled
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -39,7 +42,13 @@ def _keep_batch(batch: Batch) -> Batch:
 
 class ImageDataModule(pl.LightningDataModule):
     """Base class: subclasses set ``num_classes`` and ``input_shape`` and implement
-    ``load()`` (and ``download()`` where the data can be fetched)."""
+    ``load()`` (and ``prepare_data()`` where the data can be fetched).
+
+    With ``labeled=N`` the training split is divided into N labeled examples (balanced over
+    the classes, drawn by ``split_seed``) and unlabeled ones whose labels are replaced by -1;
+    training batches are then ``{"labeled": (x, y), "unlabeled": (x, -1)}``: an epoch is one
+    pass over the unlabeled set while the labeled set cycles, so every step sees labels.
+    """
 
     num_classes: int
     input_shape: tuple[int, ...]
@@ -53,6 +62,8 @@ class ImageDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         val_size: int = 10_000,
         split_seed: int = 0,
+        labeled: int | str | None = None,
+        labeled_batch_size: int = 100,
         download: bool = True,
         num_classes: int | None = None,
         input_shape: Sequence[int] | None = None,
@@ -65,14 +76,21 @@ class ImageDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"{name} images have shape {list(self.input_shape)}, not input_shape={list(input_shape)}."
             )
-        if batch_size <= 0 or eval_batch_size <= 0:
-            raise ValueError(f"Batch sizes must be positive, got {batch_size} and {eval_batch_size}.")
+        if min(batch_size, eval_batch_size, labeled_batch_size) <= 0:
+            raise ValueError(
+                f"Batch sizes must be positive, got batch_size={batch_size}, "
+                f"eval_batch_size={eval_batch_size}, labeled_batch_size={labeled_batch_size}."
+            )
+        self.labeled = parse_labeled(labeled, self.num_classes)
+        self.labeled_batch_size = labeled_batch_size
         self.data_dir = data_dir
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.val_size, self.split_seed = val_size, split_seed
         self.download = download
         self.train_set: TensorBatches | None = None
+        self.labeled_set: TensorBatches | None = None
+        self.unlabeled_set: TensorBatches | None = None
         self.val_set: TensorBatches | None = None
         self.test_set: TensorBatches | None = None
 
@@ -105,11 +123,17 @@ class ImageDataModule(pl.LightningDataModule):
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))
         val, train = order[: self.val_size], order[self.val_size :]
         self.train_set = TensorBatches(images[train], labels[train])
+        if self.labeled is not None:
+            lab, unlab = balanced_split(labels[train], self.labeled, self.num_classes, self.split_seed)
+            self.labeled_set = TensorBatches(images[train][lab], labels[train][lab])
+            self.unlabeled_set = TensorBatches(images[train][unlab], torch.full((len(unlab),), -1))
         self.val_set = TensorBatches(self.prepare_eval_images(images[val]), labels[val])
         self.test_set = TensorBatches(self.prepare_eval_images(data["test"][0]), data["test"][1])
 
-    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+    def on_after_batch_transfer(self, batch: Batch | dict[str, Batch], dataloader_idx: int):
         training = self.trainer is not None and self.trainer.training
+        if isinstance(batch, dict):
+            return {part: self.preprocess(value, train=training) for part, value in batch.items()}
         return self.preprocess(batch, train=training)
 
     def _loader(self, dataset: TensorBatches | None, batch_size: int, shuffle: bool) -> DataLoader:
@@ -126,8 +150,14 @@ class ImageDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+    def train_dataloader(self) -> DataLoader | CombinedLoader:
+        if self.labeled is None:
+            return self._loader(self.train_set, self.batch_size, shuffle=True)
+        loaders = {
+            "labeled": self._loader(self.labeled_set, min(self.labeled_batch_size, self.labeled), shuffle=True),
+            "unlabeled": self._loader(self.unlabeled_set, self.batch_size, shuffle=True),
+        }
+        return CombinedLoader(loaders, mode="max_size_cycle")
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, shuffle=False)

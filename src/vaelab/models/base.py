@@ -1,5 +1,5 @@
-"""What every latent-variable model shares: reduce the per-example terms returned by
-``elbo(batch)``, log each of them, and return the negative ELBO as the loss."""
+"""What every latent-variable model shares: turn ``objective(batch)`` into the training loss,
+log the per-example terms of ``elbo(batch)`` on validation and test, build the optimizer."""
 
 from __future__ import annotations
 
@@ -23,19 +23,23 @@ class LatentVariableModel(pl.LightningModule):
     def elbo(self, batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def _step(self, batch, stage: str) -> torch.Tensor:
-        terms = self.elbo(batch)
-        means = {f"{stage}/{name}": value.mean() for name, value in terms.items()}
-        training = stage == "train"
-        if not training or self._loggers_write_this_step():
-            self.log_dict(
-                means,
-                on_step=training,
-                on_epoch=not training,
-                sync_dist=not training,
-                batch_size=len(terms["elbo"]),
+    def objective(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss to minimise on a training batch and the scalars to log with it; here the
+        negative mean ELBO of a fully labeled (or unlabeled) batch ``(x, y)``."""
+        if isinstance(batch, dict):
+            raise ValueError(
+                f"{type(self).__name__} trains on plain batches, but data.labeled="
+                f"{self.trainer.datamodule.labeled} split the training set into labeled and "
+                "unlabeled parts; use data.labeled=null (or model=ssvae for semi-supervised training)."
             )
-        return -means[f"{stage}/elbo"]
+        means = {name: value.mean() for name, value in self.elbo(batch).items()}
+        return -means["elbo"], means
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss, metrics = self.objective(batch)
+        if self._loggers_write_this_step():
+            self.log_dict({f"train/{name}": value for name, value in metrics.items()}, on_step=True, on_epoch=False)
+        return loss
 
     def _loggers_write_this_step(self) -> bool:
         """Lightning hands training-step metrics to the loggers only every
@@ -44,14 +48,24 @@ class LatentVariableModel(pl.LightningModule):
         every = self.trainer.log_every_n_steps
         return bool(self.trainer.fast_dev_run) or (every > 0 and (self.global_step + 1) % every == 0)
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+    def evaluation_step(self, batch, stage: str) -> None:
+        self.log_terms(self.elbo(batch), stage)
+
+    def log_terms(self, terms: dict[str, torch.Tensor], stage: str) -> None:
+        """Log the mean of every per-example term under ``<stage>/``, averaged over the epoch."""
+        self.log_dict(
+            {f"{stage}/{name}": value.mean() for name, value in terms.items()},
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=len(terms["elbo"]),
+        )
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "val")
+        self.evaluation_step(batch, "val")
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "test")
+        self.evaluation_step(batch, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_factory is None:

@@ -51,6 +51,6 @@ class VAE(LatentVariableModel):
         return self.decode(torch.randn(n, self.z_dim, device=self.device)).mean
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean of p(x|z) at the posterior mean z = E[q(z|x)]."""
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of p(x|z) at the posterior mean z = E[q(z|x)] (``y`` is not used)."""
         return self.decode(self.encode(x).mean).mean

@@ -1,5 +1,5 @@
 """Deterministic networks (encoders, decoders, classifiers); nothing probabilistic lives here."""
 
-from vaelab.nets.mlp import MLP
+from vaelab.nets.mlp import MLP, ConditionalMLP
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "ConditionalMLP"]

@@ -1,0 +1,59 @@
+"""Conditional VAE: every distribution conditioned on a one-hot class c."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from vaelab.elbo import bernoulli_image, diag_gaussian, elbo_terms
+from vaelab.models.base import LatentVariableModel
+from vaelab.nets import ConditionalMLP
+
+
+class CVAE(LatentVariableModel):
+    """q(z|x,c) = N(mu(x,c), diag sigma^2(x,c)), p(z|c) = N(0, I), p(x|z,c) = Bernoulli(decoder(z,c));
+    ``sample(n, y)`` generates images of class y ("generate a 9")."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        z_dim: int = 50,
+        hidden: Sequence[int] = (512, 512),
+        activation: str = "relu",
+        optimizer=None,
+    ) -> None:
+        super().__init__(optimizer)
+        if z_dim <= 0:
+            raise ValueError(f"model.z_dim must be a positive integer, got {z_dim}.")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.input_shape = tuple(input_shape)
+        self.num_classes, self.z_dim = num_classes, z_dim
+        pixels = math.prod(self.input_shape)
+        self.encoder = ConditionalMLP(pixels, num_classes, hidden, 2 * z_dim, activation)
+        self.decoder = ConditionalMLP(z_dim, num_classes, list(reversed(hidden)), pixels, activation)
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor):
+        mu, logvar = self.encoder(x.flatten(1), y).chunk(2, dim=-1)
+        return diag_gaussian(mu, logvar)
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor):
+        return bernoulli_image(self.decoder(z, y).view(-1, *self.input_shape))
+
+    def elbo(self, batch) -> dict[str, torch.Tensor]:
+        x, y = batch
+        qz = self.encode(x, y)
+        return elbo_terms(x, self.decode(qz.rsample(), y), qz)
+
+    @torch.no_grad()
+    def sample(self, n: int, y: int | torch.Tensor) -> torch.Tensor:
+        """Mean images of p(x|z,y) for n draws z ~ p(z); ``y`` is one class or n classes."""
+        y = torch.as_tensor(y, device=self.device).expand(n)
+        return self.decode(torch.randn(n, self.z_dim, device=self.device), y).mean
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean of p(x|z,y) at the posterior mean z = E[q(z|x,y)]."""
+        return self.decode(self.encode(x, y).mean, y).mean

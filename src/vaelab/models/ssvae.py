@@ -1,0 +1,150 @@
+"""The M2 semi-supervised VAE of Kingma, Rezende, Mohamed & Welling (2014)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from vaelab.elbo import bernoulli_image, diag_gaussian, labeled_bound, unlabeled_bound
+from vaelab.models.base import LatentVariableModel
+from vaelab.nets import MLP, ConditionalMLP
+
+
+class SSVAE(LatentVariableModel):
+    """M2: p(y) = Cat(uniform), p(z) = N(0, I), p(x|y,z) Bernoulli; q(y|x) a classifier and
+    q(z|x,y) a diagonal Gaussian.
+
+    Training maximises  mean_lab L(x,y) + mean_unlab U(x) - alpha * mean_lab CE(q(y|x), y)
+    (Kingma et al. 2014, eq. 9, with each part averaged over its batch). ``alpha=None`` takes
+    the paper's scaling alpha = 0.1 * N_train / N_labeled (50 for 100 labels on MNIST).
+    U(x) enumerates every class in one pass over a (classes x batch) tensor.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        z_dim: int = 50,
+        hidden: Sequence[int] = (500, 500),
+        activation: str = "softplus",
+        alpha: float | None = None,
+        optimizer=None,
+    ) -> None:
+        super().__init__(optimizer)
+        if z_dim <= 0:
+            raise ValueError(f"model.z_dim must be a positive integer, got {z_dim}.")
+        if alpha is not None and alpha < 0:
+            raise ValueError(f"model.alpha must be >= 0 (or null for the paper's scaling), got {alpha}.")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.input_shape = tuple(input_shape)
+        self.num_classes, self.z_dim = num_classes, z_dim
+        self.alpha = alpha
+        self.log_py = -math.log(num_classes)  # p(y) = Cat(uniform)
+        pixels = math.prod(self.input_shape)
+        self.classifier = MLP(pixels, hidden, num_classes, activation)
+        self.encoder = ConditionalMLP(pixels, num_classes, hidden, 2 * z_dim, activation)
+        self.decoder = ConditionalMLP(z_dim, num_classes, list(reversed(hidden)), pixels, activation)
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        datamodule = self.trainer.datamodule
+        labeled = getattr(datamodule, "labeled", None)
+        if labeled is None:
+            raise ValueError(
+                "model=ssvae learns from a few labels and many unlabeled examples: set "
+                "data.labeled=N (a multiple of the number of classes, e.g. data.labeled=100)."
+            )
+        if self.alpha is None:
+            self.alpha = 0.1 * len(datamodule.train_set) / labeled
+
+    # -- the distributions ---------------------------------------------------------------
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of q(y|x)."""
+        return self.classifier(x.flatten(1))
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor):
+        """q(z|x,y) for matching x (B, ...) and y (B,)."""
+        mu, logvar = self.encoder(x.flatten(1), y).chunk(2, dim=-1)
+        return diag_gaussian(mu, logvar)
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor):
+        """p(x|y,z); z (..., z_dim) and y (...) share their leading dimensions."""
+        logits = self.decoder(z.reshape(-1, self.z_dim), y.reshape(-1))
+        return bernoulli_image(logits.view(*y.shape, *self.input_shape))
+
+    # -- the bounds ----------------------------------------------------------------------
+    def labeled_terms(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """L(x,y) and its parts, per example."""
+        qz = self.encode(x, y)
+        return labeled_bound(x, self.decode(qz.rsample(), y), qz, self.log_py)
+
+    def unlabeled_terms(self, x: torch.Tensor, qy_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """U(x) and its parts, per example: L(x,y) for all K classes at once on (K, B) tensors."""
+        mu, logvar = self.encoder.all_classes(x.flatten(1)).chunk(2, dim=-1)  # (K, B, z)
+        qz = diag_gaussian(mu, logvar)
+        y = torch.arange(self.num_classes, device=x.device).unsqueeze(1).expand(mu.shape[:2])
+        per_class = labeled_bound(x, self.decode(qz.rsample(), y), qz, self.log_py)  # x broadcasts over K
+        return unlabeled_bound(per_class, qy_logits)
+
+    def elbo(self, batch) -> dict[str, torch.Tensor]:
+        """For a batch (x, y): U(x), which does not use y, and the classifier's CE on y."""
+        return self._evaluate(*batch)[0]
+
+    def _evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        logits = self.classify(x)
+        terms = self.unlabeled_terms(x, logits)
+        terms["ce"] = F.cross_entropy(logits, y, reduction="none")
+        return terms, logits
+
+    # -- training and evaluation ---------------------------------------------------------
+    def objective(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if not isinstance(batch, dict):
+            raise ValueError("model=ssvae trains on labeled and unlabeled batches: set data.labeled=N.")
+        (x_lab, y_lab), (x_unlab, _) = batch["labeled"], batch["unlabeled"]
+        logits = self.classify(torch.cat([x_lab, x_unlab]))
+        logits_lab, logits_unlab = logits[: len(x_lab)], logits[len(x_lab) :]
+        lab = self.labeled_terms(x_lab, y_lab)
+        unlab = self.unlabeled_terms(x_unlab, logits_unlab)
+        ce = F.cross_entropy(logits_lab, y_lab)
+        loss = -(lab["elbo"].mean() + unlab["elbo"].mean()) + self.alpha * ce
+        metrics = {
+            "loss": loss,
+            "elbo_labeled": lab["elbo"].mean(),
+            "elbo_unlabeled": unlab["elbo"].mean(),
+            "recon": torch.cat([lab["recon"], unlab["recon"]]).mean(),
+            "kl": torch.cat([lab["kl"], unlab["kl"]]).mean(),
+            "ce": ce,
+            "entropy": unlab["entropy"].mean(),
+        }
+        return loss, metrics
+
+    def evaluation_step(self, batch, stage: str) -> None:
+        x, y = batch
+        terms, logits = self._evaluate(x, y)
+        self.log_terms(terms, stage)
+        accuracy = self.val_acc if stage == "val" else self.test_acc
+        accuracy(logits, y)
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True)
+
+    # -- generation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int, y: int | torch.Tensor | None = None) -> torch.Tensor:
+        """Mean images of p(x|y,z) for z ~ p(z) and the given class(es), or y ~ p(y)."""
+        if y is None:
+            y = torch.randint(self.num_classes, (n,), device=self.device)
+        y = torch.as_tensor(y, device=self.device).expand(n)
+        return self.decode(torch.randn(n, self.z_dim, device=self.device), y).mean
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of p(x|y,z) at z = E[q(z|x,y)], with y = argmax q(y|x) unless given."""
+        if y is None:
+            y = self.classify(x).argmax(-1)
+        return self.decode(self.encode(x, y).mean, y).mean

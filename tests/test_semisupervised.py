@@ -1,0 +1,162 @@
+"""Labeled/unlabeled split, CVAE and the M2 semi-supervised VAE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributions import Normal
+
+from vaelab.callbacks import ImageLogger
+from vaelab.data import MNISTDataModule
+from vaelab.data.split import balanced_split, parse_labeled
+from vaelab.elbo import unlabeled_bound
+from vaelab.models import CVAE, SSVAE
+from vaelab.train import train
+from vaelab.viz import table_grid
+from conftest import compose_config
+
+
+@pytest.fixture(scope="module")
+def mnist_100(mnist_dir) -> MNISTDataModule:
+    dm = MNISTDataModule(str(mnist_dir), download=False, labeled=100)
+    dm.setup()
+    return dm
+
+
+def test_labeled_split_is_balanced_and_hides_the_other_labels(mnist_100):
+    assert torch.equal(torch.bincount(mnist_100.labeled_set.labels), torch.full((10,), 10))
+    assert len(mnist_100.labeled_set) + len(mnist_100.unlabeled_set) == len(mnist_100.train_set) == 50_000
+    assert (mnist_100.unlabeled_set.labels == -1).all()
+
+
+def test_split_is_disjoint_deterministic_and_the_same_on_every_rank(mnist_100):
+    labels = mnist_100.train_set.labels
+    per_rank = []
+    for rank in (0, 1):  # each simulated rank has its own global seed; the split must not care
+        torch.manual_seed(rank)
+        per_rank.append(balanced_split(labels, 100, 10, seed=0))
+    (lab, unlab), (lab_other_rank, _) = per_rank
+    assert torch.equal(lab, lab_other_rank)
+    assert len(set(lab.tolist()) & set(unlab.tolist())) == 0
+    assert sorted(lab.tolist() + unlab.tolist()) == list(range(len(labels)))
+    assert not torch.equal(balanced_split(labels, 100, 10, seed=1)[0], lab)
+    assert torch.equal(mnist_100.labeled_set.images, mnist_100.train_set.images[lab])
+
+
+def test_every_training_batch_has_labeled_and_unlabeled_parts(mnist_100):
+    loader = mnist_100.train_dataloader()
+    batches = list(loader)
+    assert len(batches) == len(mnist_100.unlabeled_set) // mnist_100.batch_size
+    batch, _, _ = batches[0]
+    (x_lab, y_lab), (x_unlab, y_unlab) = batch["labeled"], batch["unlabeled"]
+    assert len(x_lab) == 100 and (y_lab >= 0).all() and (y_unlab == -1).all()
+
+
+@pytest.mark.parametrize(
+    "labeled, message",
+    [
+        (7, "data.labeled=7 must be a positive multiple of the 10 classes"),
+        (0, "data.labeled=0 must be a positive multiple"),
+        (-10, "data.labeled=-10 must be a positive multiple"),
+        ("abc", "data.labeled='abc' must be a number of labeled examples"),
+        (1.5, "data.labeled=1.5 must be a number"),
+    ],
+)
+def test_impossible_label_counts_fail_with_a_clear_message(labeled, message):
+    with pytest.raises(ValueError, match=message):
+        parse_labeled(labeled, 10)
+
+
+def test_label_count_above_the_supply_fails(mnist_100):
+    with pytest.raises(ValueError, match="data.labeled=50000 needs 5000 examples of class .* holds only"):
+        balanced_split(mnist_100.train_set.labels, 50_000, 10, seed=0)
+
+
+def test_all_means_fully_labeled():
+    assert parse_labeled("all", 10) is None and parse_labeled(None, 10) is None
+
+
+def tiny_m2() -> SSVAE:
+    torch.manual_seed(0)
+    return SSVAE(input_shape=(1, 6, 6), num_classes=4, z_dim=3, hidden=[16, 8], alpha=1.0)
+
+
+def test_vectorised_unlabeled_bound_equals_the_per_class_loop(monkeypatch):
+    monkeypatch.setattr(Normal, "rsample", lambda self, shape=torch.Size(): self.loc)  # z = mean
+    model = tiny_m2()
+    x = torch.bernoulli(torch.full((5, 1, 6, 6), 0.4))
+    logits = model.classify(x)
+    vectorised = model.unlabeled_terms(x, logits)
+    q = logits.softmax(-1)
+    per_class = [model.labeled_terms(x, torch.full((5,), k)) for k in range(4)]
+    explicit = sum(q[:, k] * per_class[k]["elbo"] for k in range(4)) - (q * q.log()).sum(-1)
+    torch.testing.assert_close(vectorised["elbo"], explicit)
+    torch.testing.assert_close(vectorised["kl"], sum(q[:, k] * per_class[k]["kl"] for k in range(4)))
+
+
+def test_unlabeled_bound_formula():
+    L = torch.tensor([[-10.0, -20.0], [-30.0, -5.0]])  # (K=2, B=2)
+    logits = torch.tensor([[0.0, 0.0], [2.0, -1.0]])
+    q = logits.softmax(-1)
+    U = unlabeled_bound({"elbo": L}, logits)["elbo"]
+    expected = (q * L.T).sum(-1) - (q * q.log()).sum(-1)
+    torch.testing.assert_close(U, expected)
+
+
+def test_unlabeled_bound_trains_the_classifier():
+    model = tiny_m2()
+    x = torch.bernoulli(torch.full((5, 1, 6, 6), 0.4))
+    model.unlabeled_terms(x, model.classify(x))["elbo"].sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.classifier.parameters())
+
+
+def test_cvae_samples_the_requested_class_in_each_row():
+    torch.manual_seed(0)
+    model = CVAE(input_shape=(1, 6, 6), num_classes=4, z_dim=3, hidden=[16])
+    assert model.sample(5, y=3).shape == (5, 1, 6, 6)
+    assert model.sample(4, y=torch.arange(4)).shape == (4, 1, 6, 6)
+
+    class Data:
+        def example_batch(self, n, split):
+            return torch.rand(n, 1, 6, 6), torch.arange(n) % 4
+
+    trainer = type("Trainer", (), {"datamodule": Data()})()
+    callback = ImageLogger(out_dir="unused", n_reconstructions=4, n_styles=3)
+    torch.manual_seed(1)
+    grids = callback.grids(trainer, model)
+    torch.manual_seed(1)
+    torch.rand(4, 1, 6, 6)  # the example batch drawn first
+    z = torch.randn(3, 3)
+    rows = torch.stack([model.decode(z, torch.full((3,), k)).mean for k in range(4)])
+    torch.testing.assert_close(grids["classes"], table_grid(rows))
+    torch.testing.assert_close(grids["styles"], table_grid(rows.transpose(0, 1)))
+    assert grids["classes"].shape[1:] == (4 * 8 + 2, 3 * 8 + 2)  # 4 class rows of 3 samples
+
+
+@pytest.mark.parametrize("model, extra", [("cvae", []), ("ssvae", ["data.labeled=100"])])
+def test_fast_dev_run(model, extra, quick_overrides):
+    metrics = train(compose_config("train", [*quick_overrides, f"model={model}", *extra, "debug=fdr"]))
+    assert "test/elbo" in metrics
+    if model == "ssvae":
+        assert {"train/elbo_labeled", "train/elbo_unlabeled", "train/ce", "train/entropy", "val/acc", "test/acc"} <= set(metrics)
+
+
+def test_ssvae_without_labels_fails_clearly(quick_overrides):
+    with pytest.raises(ValueError, match="model=ssvae learns from a few labels .* set data.labeled=N"):
+        train(compose_config("train", [*quick_overrides, "model=ssvae", "debug=fdr"]))
+
+
+def test_cvae_on_a_partly_labeled_split_fails_clearly(quick_overrides):
+    with pytest.raises(ValueError, match="CVAE trains on plain batches, but data.labeled=100"):
+        train(compose_config("train", [*quick_overrides, "model=cvae", "data.labeled=100", "debug=fdr"]))
+
+
+def test_short_ssvae_run_with_100_labels_beats_chance(quick_overrides):
+    overrides = [
+        *quick_overrides, "model=ssvae", "data.labeled=100", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=120", "trainer.limit_val_batches=4", "trainer.limit_test_batches=4",
+        "model.optimizer.lr=1e-3",
+    ]
+    metrics = train(compose_config("train", overrides))
+    assert metrics["val/acc"] > 0.5, metrics
+    assert metrics["test/acc"] > 0.5, metrics
