@@ -77,3 +77,10 @@ def test_cli_prints_a_complete_config(tmp_path):
     assert cfg.model.input_shape == cfg.data.input_shape == [1, 28, 28]
     assert cfg.data.data_dir == str(tmp_path)
     assert {"data", "model", "trainer", "logger", "callbacks", "paths", "seed"} <= set(cfg)
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_nonpositive_latent_size_is_rejected(model, quick_overrides):
+    cfg = compose_config("train", [*quick_overrides, f"model={model}", "model.z_dim=0"])
+    with pytest.raises(Exception, match="model.z_dim must be a positive integer, got 0"):
+        hydra.utils.instantiate(cfg.model)

@@ -3,7 +3,7 @@ log the per-example terms of ``elbo(batch)`` on validation and test, build the o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -16,8 +16,17 @@ class LatentVariableModel(pl.LightningModule):
     bound that training maximises, every other key is logged beside it.
     """
 
-    def __init__(self, optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer] | None):
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        z_dim: int,
+        optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer] | None,
+    ) -> None:
         super().__init__()
+        if z_dim <= 0:
+            raise ValueError(f"model.z_dim must be a positive integer, got {z_dim}.")
+        self.input_shape = tuple(input_shape)
+        self.z_dim = z_dim
         self.optimizer_factory = optimizer
 
     def elbo(self, batch) -> dict[str, torch.Tensor]:

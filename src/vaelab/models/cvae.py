@@ -25,12 +25,9 @@ class CVAE(LatentVariableModel):
         activation: str = "relu",
         optimizer=None,
     ) -> None:
-        super().__init__(optimizer)
-        if z_dim <= 0:
-            raise ValueError(f"model.z_dim must be a positive integer, got {z_dim}.")
+        super().__init__(input_shape, z_dim, optimizer)
         self.save_hyperparameters(ignore=["optimizer"])
-        self.input_shape = tuple(input_shape)
-        self.num_classes, self.z_dim = num_classes, z_dim
+        self.num_classes = num_classes
         pixels = math.prod(self.input_shape)
         self.encoder = ConditionalMLP(pixels, num_classes, hidden, 2 * z_dim, activation)
         self.decoder = ConditionalMLP(z_dim, num_classes, list(reversed(hidden)), pixels, activation)

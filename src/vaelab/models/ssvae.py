@@ -34,14 +34,11 @@ class SSVAE(LatentVariableModel):
         alpha: float | None = None,
         optimizer=None,
     ) -> None:
-        super().__init__(optimizer)
-        if z_dim <= 0:
-            raise ValueError(f"model.z_dim must be a positive integer, got {z_dim}.")
+        super().__init__(input_shape, z_dim, optimizer)
         if alpha is not None and alpha < 0:
             raise ValueError(f"model.alpha must be >= 0 (or null for the paper's scaling), got {alpha}.")
         self.save_hyperparameters(ignore=["optimizer"])
-        self.input_shape = tuple(input_shape)
-        self.num_classes, self.z_dim = num_classes, z_dim
+        self.num_classes = num_classes
         self.alpha = alpha
         self.log_py = -math.log(num_classes)  # p(y) = Cat(uniform)
         pixels = math.prod(self.input_shape)

@@ -23,12 +23,8 @@ class VAE(LatentVariableModel):
         activation: str = "relu",
         optimizer=None,
     ) -> None:
-        super().__init__(optimizer)
-        if z_dim <= 0:
-            raise ValueError(f"model.z_dim must be a positive integer, got {z_dim}.")
+        super().__init__(input_shape, z_dim, optimizer)
         self.save_hyperparameters(ignore=["optimizer"])
-        self.input_shape = tuple(input_shape)
-        self.z_dim = z_dim
         pixels = math.prod(self.input_shape)
         self.encoder = MLP(pixels, hidden, 2 * z_dim, activation)
         self.decoder = MLP(z_dim, list(reversed(hidden)), pixels, activation)
