@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.distributions import Normal
 
 from vaelab.callbacks import ImageLogger
@@ -92,6 +93,23 @@ def test_vectorised_unlabeled_bound_equals_the_per_class_loop(monkeypatch):
     explicit = sum(q[:, k] * per_class[k]["elbo"] for k in range(4)) - (q * q.log()).sum(-1)
     torch.testing.assert_close(vectorised["elbo"], explicit)
     torch.testing.assert_close(vectorised["kl"], sum(q[:, k] * per_class[k]["kl"] for k in range(4)))
+
+
+def test_objective_is_eq_9_with_batch_means(monkeypatch):
+    monkeypatch.setattr(Normal, "rsample", lambda self, shape=torch.Size(): self.loc)  # z = mean
+    model = tiny_m2()  # alpha = 1
+    x_lab, y_lab = torch.bernoulli(torch.full((4, 1, 6, 6), 0.4)), torch.tensor([0, 1, 2, 3])
+    x_unlab = torch.bernoulli(torch.full((6, 1, 6, 6), 0.4))
+    loss, metrics = model.objective({"labeled": (x_lab, y_lab), "unlabeled": (x_unlab, torch.full((6,), -1))})
+    L = model.labeled_terms(x_lab, y_lab)["elbo"].mean()
+    U = model.unlabeled_terms(x_unlab, model.classify(x_unlab))["elbo"].mean()
+    ce = F.cross_entropy(model.classify(x_lab), y_lab)
+    torch.testing.assert_close(loss, -(L - 1.0 * ce + U))
+    model.weighting, model.labeled_share = "data", 0.01
+    loss, _ = model.objective({"labeled": (x_lab, y_lab), "unlabeled": (x_unlab, torch.full((6,), -1))})
+    torch.testing.assert_close(loss, -(0.01 * (L - 1.0 * ce) + 0.99 * U))
+    torch.testing.assert_close(metrics["ce"], ce)
+    torch.testing.assert_close(metrics["elbo_unlabeled"], U)
 
 
 def test_unlabeled_bound_formula():

@@ -18,10 +18,13 @@ class SSVAE(LatentVariableModel):
     """M2: p(y) = Cat(uniform), p(z) = N(0, I), p(x|y,z) Bernoulli; q(y|x) a classifier and
     q(z|x,y) a diagonal Gaussian.
 
-    Training maximises  mean_lab L(x,y) + mean_unlab U(x) - alpha * mean_lab CE(q(y|x), y)
-    (Kingma et al. 2014, eq. 9, with each part averaged over its batch). ``alpha=None`` takes
-    the paper's scaling alpha = 0.1 * N_train / N_labeled (50 for 100 labels on MNIST).
-    U(x) enumerates every class in one pass over a (classes x batch) tensor.
+    Training maximises Kingma et al. 2014, eq. 9, estimated from a labeled and an unlabeled batch:
+        w_lab mean_lab [L(x,y) - alpha CE(q(y|x), y)] + w_unlab mean_unlab U(x)
+    with ``weighting="batch"`` w_lab = w_unlab = 1 (the default), or ``weighting="data"`` the
+    parts' shares of the training set, N_lab / N and N_unlab / N (the paper's sum per example).
+    "batch" measured better: peak validation accuracy 75.9 % against 67.8 % with 100 labels
+    (benchmarks/README.md). ``alpha=None`` takes the paper's alpha = 0.1 * N / N_lab (50 for 100
+    labels on MNIST). U(x) enumerates every class in one pass over a (classes x batch) tensor.
     """
 
     def __init__(
@@ -32,14 +35,18 @@ class SSVAE(LatentVariableModel):
         hidden: Sequence[int] = (500, 500),
         activation: str = "softplus",
         alpha: float | None = None,
+        weighting: str = "batch",
         optimizer=None,
     ) -> None:
         super().__init__(input_shape, z_dim, optimizer)
         if alpha is not None and alpha < 0:
             raise ValueError(f"model.alpha must be >= 0 (or null for the paper's scaling), got {alpha}.")
+        if weighting not in ("batch", "data"):
+            raise ValueError(f"model.weighting={weighting!r} must be 'batch' or 'data'.")
         self.save_hyperparameters(ignore=["optimizer"])
         self.num_classes = num_classes
-        self.alpha = alpha
+        self.alpha, self.weighting = alpha, weighting
+        self.labeled_share: float | None = None  # N_lab / N, set from the data in setup()
         self.log_py = -math.log(num_classes)  # p(y) = Cat(uniform)
         pixels = math.prod(self.input_shape)
         self.classifier = MLP(pixels, hidden, num_classes, activation)
@@ -58,8 +65,9 @@ class SSVAE(LatentVariableModel):
                 "model=ssvae learns from a few labels and many unlabeled examples: set "
                 "data.labeled=N (a multiple of the number of classes, e.g. data.labeled=100)."
             )
+        self.labeled_share = labeled / len(datamodule.train_set)
         if self.alpha is None:
-            self.alpha = 0.1 * len(datamodule.train_set) / labeled
+            self.alpha = 0.1 / self.labeled_share
 
     # -- the distributions ---------------------------------------------------------------
     def classify(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +118,8 @@ class SSVAE(LatentVariableModel):
         lab = self.labeled_terms(x_lab, y_lab)
         unlab = self.unlabeled_terms(x_unlab, logits_unlab)
         ce = F.cross_entropy(logits_lab, y_lab)
-        loss = -(lab["elbo"].mean() + unlab["elbo"].mean()) + self.alpha * ce
+        w_lab, w_unlab = (self.labeled_share, 1 - self.labeled_share) if self.weighting == "data" else (1, 1)
+        loss = -(w_lab * (lab["elbo"].mean() - self.alpha * ce) + w_unlab * unlab["elbo"].mean())
         metrics = {
             "loss": loss,
             "elbo_labeled": lab["elbo"].mean(),

@@ -1,0 +1,37 @@
+"""Resuming from last.ckpt continues exactly where the interrupted run stopped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from vaelab.train import train
+from conftest import compose_config
+
+
+def run(overrides: list[str], out: Path, epochs: int, ckpt: Path | None = None) -> dict[str, torch.Tensor]:
+    cfg = compose_config(
+        "train",
+        [
+            *overrides, f"paths.output_dir={out}", f"trainer.max_epochs={epochs}", "test=false",
+            "trainer.limit_train_batches=8", "trainer.limit_val_batches=2", "data.batch_size=32",
+            *([f"ckpt_path={ckpt}"] if ckpt else []),
+        ],
+    )
+    train(cfg)
+    return torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+@pytest.mark.parametrize("model", [["model=vae"], ["model=ssvae", "data.labeled=100", "data.labeled_batch_size=20"]])
+def test_resumed_run_ends_with_the_weights_of_the_uninterrupted_run(model, quick_overrides, tmp_path):
+    overrides = [*quick_overrides, *model]
+    whole = run(overrides, tmp_path / "whole", epochs=3)
+    first = run(overrides, tmp_path / "part", epochs=2)
+    resumed = run(overrides, tmp_path / "resumed", epochs=3, ckpt=tmp_path / "part" / "checkpoints" / "last.ckpt")
+    assert first["epoch"] == 1 and resumed["epoch"] == whole["epoch"] == 2
+    assert resumed["global_step"] == whole["global_step"]
+    for name, value in whole["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], value), name
+    assert any(not torch.equal(first["state_dict"][name], value) for name, value in whole["state_dict"].items())
