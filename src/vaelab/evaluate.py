@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from vaelab.train import finish_wandb
-from vaelab.utils import CONFIG_DIR, apply_extras, instantiate_loggers, log_hyperparameters
+from vaelab.utils import CONFIG_DIR, apply_extras, check_checkpoint, instantiate_loggers, log_hyperparameters
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Load ``cfg.ckpt_path`` into the configured model and run the test set."""
     if not cfg.get("ckpt_path"):
         raise ValueError("Give the checkpoint to evaluate: python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt")
-    if not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist.")
-    datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model)
+    check_checkpoint(cfg.ckpt_path, model)
+    datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers)
     log_hyperparameters(cfg, model, loggers)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from vaelab.utils import (
     CONFIG_DIR,
     apply_extras,
+    check_checkpoint,
     instantiate_callbacks,
     instantiate_loggers,
     log_hyperparameters,
@@ -37,6 +38,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         pl.seed_everything(cfg.seed, workers=True)
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model)
+    if cfg.get("ckpt_path"):
+        check_checkpoint(cfg.ckpt_path, model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)

@@ -46,9 +46,21 @@ class LatentVariableModel(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, metrics = self.objective(batch)
+        if not torch.isfinite(loss):
+            self._raise_non_finite(metrics)
         if self._loggers_write_this_step():
             self.log_dict({f"train/{name}": value for name, value in metrics.items()}, on_step=True, on_epoch=False)
         return loss
+
+    def _raise_non_finite(self, metrics: dict[str, torch.Tensor]) -> None:
+        values = ", ".join(f"train/{name}={float(value):.4g}" for name, value in metrics.items())
+        bad = [f"train/{name}" for name, value in metrics.items() if not torch.isfinite(value).all()]
+        raise FloatingPointError(
+            f"Non-finite loss at step {self.global_step} (epoch {self.current_epoch}): "
+            f"{', '.join(bad) or 'the loss'} went non-finite ({values}). Training stopped before "
+            "this step's update; checkpoints/last.ckpt holds the last finite weights. Lower "
+            "model.optimizer.lr or set trainer.gradient_clip_val, then resume with ckpt_path=...last.ckpt."
+        )
 
     def _loggers_write_this_step(self) -> bool:
         """Lightning hands training-step metrics to the loggers only every

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,9 @@ CONFIG_DIR = PROJECT_ROOT / "conf"
 
 if not OmegaConf.has_resolver("vaelab_root"):
     OmegaConf.register_new_resolver("vaelab_root", lambda: str(PROJECT_ROOT))
+# the process id in run directory names: two runs started in the same second never share one
+if not OmegaConf.has_resolver("vaelab_pid"):
+    OmegaConf.register_new_resolver("vaelab_pid", os.getpid)
 
 FIRST_FIELDS = ("data", "model", "callbacks", "logger", "trainer", "paths", "extras")
 
