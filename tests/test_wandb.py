@@ -93,3 +93,27 @@ def test_offline_run_writes_wandb_files_without_network(mnist_dir, tmp_path):
     assert list(run_dir.glob("wandb/offline-run-*/files/media/images/images/samples_*.png"))
     assert server.connections == 0
     assert (run_dir / "csv" / "metrics.csv").is_file()
+
+
+def test_unreachable_server_in_online_mode_falls_back_to_offline(mnist_dir, tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        closed_port = probe.getsockname()[1]  # nothing listens there once the probe closes
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(
+        HOME=str(tmp_path), WANDB_API_KEY="x" * 40, WANDB_BASE_URL=f"http://127.0.0.1:{closed_port}",
+        WANDB_INIT_TIMEOUT="3",
+    )
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable, "train.py", "logger=wandb", "logger.wandb.mode=online", "trainer=cpu",
+            f"paths.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}", "trainer.max_epochs=1",
+            "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+            "extras.print_config=false",
+        ],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "W&B logs offline (the server could not be reached" in result.stdout + result.stderr
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert "test/elbo" in (run_dir / "csv" / "metrics.csv").read_text()

@@ -27,26 +27,45 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[pl.Callback]:
     return _instantiate_group(cfg, "callbacks")
 
 
+def _is_wandb(entry: DictConfig) -> bool:
+    return bool(entry) and entry.get("_target_", "").endswith("WandbLogger")
+
+
+def _set_wandb_mode(entry: DictConfig, mode: str, reason: str) -> None:
+    entry.mode = mode
+    if mode != "online":
+        # W&B's process-wide settings (its telemetry among them) read the mode from the
+        # environment, not from the run: without this they still try the server.
+        os.environ["WANDB_MODE"] = mode
+    if mode == "offline":
+        log.warning(
+            "W&B logs offline (%s) to %s/wandb; upload later with `wandb sync %s/wandb/offline-run-*`.",
+            reason, entry.save_dir, entry.save_dir,
+        )
+
+
 def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
-    """Instantiate every logger; a W&B logger with ``mode: null`` gets its mode resolved."""
+    """Instantiate every logger. A W&B logger with ``mode: null`` gets its mode resolved; an
+    online one starts its run now and, when the server cannot be reached, logs offline instead."""
     if not cfg:
         return []
-    cfg = cfg.copy()
-    for entry in cfg.values():
-        if entry and entry.get("_target_", "").endswith("WandbLogger"):
-            entry.mode = resolve_wandb_mode(entry.get("mode"))
-            if entry.mode != "online":
-                # W&B's process-wide settings (its telemetry among them) read the mode from
-                # the environment, not from the run: without this they still try the server.
-                os.environ["WANDB_MODE"] = entry.mode
-            if entry.mode == "offline":
-                log.info(
-                    "W&B logs offline (no credentials found) to %s/wandb; upload later with "
-                    "`wandb sync %s/wandb/offline-run-*`.",
-                    entry.save_dir,
-                    entry.save_dir,
-                )
-    return _instantiate_group(cfg, "logger")
+    loggers = []
+    for entry in cfg.copy().values():
+        if not entry or "_target_" not in entry:
+            continue
+        if not _is_wandb(entry):
+            loggers.append(hydra.utils.instantiate(entry))
+            continue
+        _set_wandb_mode(entry, resolve_wandb_mode(entry.get("mode")), "no W&B credentials found")
+        logger = hydra.utils.instantiate(entry)
+        if entry.mode == "online":
+            try:
+                logger.experiment  # noqa: B018  (starts the run)
+            except Exception as error:  # wandb raises CommError, UsageError, TimeoutError ...
+                _set_wandb_mode(entry, "offline", f"the server could not be reached: {type(error).__name__}: {error}")
+                logger = hydra.utils.instantiate(entry)
+        loggers.append(logger)
+    return loggers
 
 
 def log_hyperparameters(cfg: DictConfig, model: pl.LightningModule, loggers: list[Logger]) -> None:
