@@ -87,12 +87,15 @@ def test_a_file_that_is_no_checkpoint_is_rejected(quick_overrides, tmp_path):
         train(compose_config("train", [*quick_overrides, f"ckpt_path={tmp_path}/missing.ckpt"]))
 
 
-def test_unknown_model_choice_lists_the_options():
+@pytest.mark.parametrize("choice, options", [("model=vea", ["vae", "cvae", "ssvae"]), ("data=mnsit", ["mnist", "svhn"])])
+def test_unknown_config_choice_lists_the_options(choice, options):
     result = subprocess.run(
-        [sys.executable, "train.py", "model=vea", "--cfg", "job"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "train.py", choice, "--cfg", "job"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120
     )
+    group, name = choice.split("=")
     assert result.returncode != 0
-    assert "Could not find 'model/vea'" in result.stderr and "ssvae" in result.stderr and "cvae" in result.stderr
+    assert f"Could not find '{group}/{name}'" in result.stderr
+    assert all(f"\t{option}\n" in result.stderr for option in options), result.stderr
 
 
 def test_two_runs_started_in_the_same_second_get_their_own_directories(mnist_dir, tmp_path):

@@ -2,5 +2,6 @@
 
 from vaelab.data.base import ImageDataModule, TensorBatches
 from vaelab.data.mnist import MNISTDataModule
+from vaelab.data.svhn import SVHNDataModule
 
-__all__ = ["ImageDataModule", "MNISTDataModule", "TensorBatches"]
+__all__ = ["ImageDataModule", "MNISTDataModule", "SVHNDataModule", "TensorBatches"]

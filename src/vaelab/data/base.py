@@ -95,6 +95,18 @@ class ImageDataModule(pl.LightningDataModule):
         self.test_set: TensorBatches | None = None
 
     # -- what each dataset defines -------------------------------------------------------
+    def missing_files(self) -> list[str]:
+        """Names of the dataset's files that are not on disk."""
+        raise NotImplementedError
+
+    def fetch(self) -> None:
+        """Download the dataset's files (torchvision's downloaders)."""
+        raise NotImplementedError
+
+    def missing_message(self, missing: list[str], reason: str) -> str:
+        """The error for files still missing: where they belong and how to get them."""
+        raise NotImplementedError
+
     def load(self) -> dict[str, Batch]:
         """Return ``{"train": (images, labels), "test": (images, labels)}``: uint8 images of
         shape (N, *input_shape) and int64 labels in [0, num_classes)."""
@@ -110,6 +122,20 @@ class ImageDataModule(pl.LightningDataModule):
         return images
 
     # -- Lightning hooks -------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Download missing files when allowed; one clear error when they stay missing."""
+        if not self.missing_files():
+            return
+        reason = "downloading is switched off (data.download=false)"
+        if self.download:
+            try:
+                self.fetch()
+            except Exception as error:  # offline: URLError, OSError, RuntimeError
+                reason = f"downloading them failed ({type(error).__name__}: {error})"
+        missing = self.missing_files()
+        if missing:
+            raise FileNotFoundError(self.missing_message(missing, reason))
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return

@@ -35,31 +35,23 @@ class MNISTDataModule(ImageDataModule):
     def raw_dir(self) -> Path:
         return Path(self.data_dir) / "MNIST" / "raw"
 
-    def _missing(self) -> list[str]:
+    def missing_files(self) -> list[str]:
         return [name for name in FILE_NAMES if not (self.raw_dir / name).is_file()]
 
-    def prepare_data(self) -> None:
-        missing = self._missing()
-        if not missing:
-            return
-        reason = "downloading is switched off (data.download=false)"
-        if self.download:
-            try:
-                from torchvision.datasets import MNIST
+    def fetch(self) -> None:
+        from torchvision.datasets import MNIST
 
-                for train in (True, False):
-                    MNIST(self.data_dir, train=train, download=True)
-            except Exception as error:  # torchvision raises RuntimeError/URLError/OSError offline
-                reason = f"downloading them failed ({type(error).__name__}: {error})"
-            missing = self._missing()
-        if missing:
-            raise FileNotFoundError(
-                f"MNIST files missing in {self.raw_dir}: {', '.join(missing)} ({reason}). "
-                "Put the four uncompressed files train-images-idx3-ubyte, "
-                "train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte "
-                "there, point paths.data_dir (or the VAELAB_DATA_DIR variable) at a directory "
-                "holding MNIST/raw/, or run once with network access to download them."
-            )
+        for train in (True, False):
+            MNIST(self.data_dir, train=train, download=True)
+
+    def missing_message(self, missing: list[str], reason: str) -> str:
+        return (
+            f"MNIST files missing in {self.raw_dir}: {', '.join(missing)} ({reason}). "
+            "Put the four uncompressed files train-images-idx3-ubyte, "
+            "train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte "
+            "there, point paths.data_dir (or the VAELAB_DATA_DIR variable) at a directory "
+            "holding MNIST/raw/, or run once with network access to download them."
+        )
 
     def load(self) -> dict[str, Batch]:
         self.prepare_data()

@@ -1,0 +1,82 @@
+"""SVHN datamodule on small .mat files written in the real SVHN layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+
+from vaelab.data import SVHNDataModule
+from vaelab.data.svhn import read_svhn_mat
+from vaelab.train import train
+from conftest import compose_config
+
+
+def write_svhn(path: Path, n: int, seed: int) -> np.ndarray:
+    """An SVHN-layout file: X 32x32x3xN uint8, y Nx1 with labels 1..10 (10 = digit 0)."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % 10 + 1).astype(np.uint8).reshape(n, 1)
+    scipy.io.savemat(path, {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8), "y": labels})
+    return labels
+
+
+@pytest.fixture(scope="module")
+def svhn_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    (root / "SVHN").mkdir()
+    write_svhn(root / "SVHN" / "train_32x32.mat", 400, seed=0)
+    write_svhn(root / "SVHN" / "test_32x32.mat", 100, seed=1)
+    write_svhn(root / "SVHN" / "extra_32x32.mat", 50, seed=2)
+    return root
+
+
+def test_reader_maps_label_10_to_digit_0_and_transposes_images(svhn_dir):
+    path = svhn_dir / "SVHN" / "test_32x32.mat"
+    images, labels = read_svhn_mat(path)
+    raw = scipy.io.loadmat(path)
+    assert images.shape == (100, 3, 32, 32) and images.dtype == torch.uint8
+    assert torch.equal(images[7, 2], torch.from_numpy(raw["X"][:, :, 2, 7]))
+    assert labels[:10].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
+
+
+def test_splits_labeled_subset_and_extra(svhn_dir):
+    dm = SVHNDataModule(str(svhn_dir), download=False, val_size=50, labeled=100)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (350, 50, 100)
+    assert torch.equal(torch.bincount(dm.labeled_set.labels), torch.full((10,), 10))
+    assert (dm.unlabeled_set.labels == -1).all() and len(dm.unlabeled_set) == 250
+    with_extra = SVHNDataModule(str(svhn_dir), download=False, val_size=50, use_extra=True)
+    with_extra.setup()
+    assert len(with_extra.train_set) == 400
+    x, _ = with_extra.example_batch(4)
+    assert x.shape == (4, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"SVHN files missing in .*SVHN: train_32x32.mat, test_32x32.mat .*VAELAB_DATA_DIR"):
+        SVHNDataModule(str(tmp_path), download=False).setup()
+
+
+def test_mat_file_without_x_or_y_is_rejected(tmp_path):
+    path = tmp_path / "train_32x32.mat"
+    scipy.io.savemat(path, {"images": np.zeros((32, 32, 3, 2), dtype=np.uint8)})
+    with pytest.raises(ValueError, match="has no 'X' or 'y' variable: not an SVHN file"):
+        read_svhn_mat(path)
+    path.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="is not a readable .mat file"):
+        read_svhn_mat(path)
+
+
+@pytest.mark.parametrize("model, extra", [("vae", []), ("ssvae", ["data.labeled=100"])])
+def test_fast_dev_run_on_svhn(model, extra, svhn_dir, tmp_path):
+    cfg = compose_config(
+        "train",
+        [
+            f"paths.data_dir={svhn_dir}", f"paths.output_dir={tmp_path}", "logger=csv", "trainer=cpu",
+            "extras.print_config=false", "data=svhn", "data.val_size=50", f"model={model}", *extra, "debug=fdr",
+        ],
+    )
+    assert "test/elbo" in train(cfg)
