@@ -89,6 +89,7 @@ def test_offline_run_writes_wandb_files_without_network(mnist_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+    assert "W&B logs offline (no W&B credentials found)" in result.stdout + result.stderr
     assert "wandb sync" in result.stdout + result.stderr
     assert list(run_dir.glob("wandb/offline-run-*/files/media/images/images/samples_*.png"))
     assert server.connections == 0

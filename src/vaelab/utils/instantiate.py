@@ -15,16 +15,11 @@ from vaelab.utils.wandb import resolve_wandb_mode
 log = logging.getLogger(__name__)
 
 
-def _instantiate_group(cfg: DictConfig | None, kind: str) -> list:
+def instantiate_callbacks(cfg: DictConfig | None) -> list[pl.Callback]:
+    """Instantiate every entry of the callbacks group (a mapping of name -> {_target_: ...})."""
     if not cfg:
         return []
-    if not isinstance(cfg, DictConfig):
-        raise TypeError(f"The {kind} config must be a mapping of name -> {{_target_: ...}}, got {cfg!r}.")
     return [hydra.utils.instantiate(entry) for entry in cfg.values() if entry and "_target_" in entry]
-
-
-def instantiate_callbacks(cfg: DictConfig | None) -> list[pl.Callback]:
-    return _instantiate_group(cfg, "callbacks")
 
 
 def _is_wandb(entry: DictConfig) -> bool:
@@ -56,7 +51,8 @@ def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
         if not _is_wandb(entry):
             loggers.append(hydra.utils.instantiate(entry))
             continue
-        _set_wandb_mode(entry, resolve_wandb_mode(entry.get("mode")), "no W&B credentials found")
+        requested = entry.get("mode") or os.environ.get("WANDB_MODE")
+        _set_wandb_mode(entry, resolve_wandb_mode(entry.get("mode")), "as configured" if requested else "no W&B credentials found")
         logger = hydra.utils.instantiate(entry)
         if entry.mode == "online":
             try:
