@@ -40,7 +40,8 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(quick
     assert all(torch.isfinite(value).all() for value in last["state_dict"].values())
 
 
-def test_sigterm_writes_a_checkpoint_before_exit(mnist_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_termination_signal_writes_a_checkpoint_before_exit(signum, mnist_dir, tmp_path):
     run_dir = tmp_path / "run"
     process = subprocess.Popen(
         [
@@ -54,7 +55,7 @@ def test_sigterm_writes_a_checkpoint_before_exit(mnist_dir, tmp_path):
     deadline = time.time() + 120
     while not (metrics.is_file() and metrics.read_text().count("\n") > 20) and time.time() < deadline:
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert 20 <= checkpoint["global_step"] < 3125, stderr[-2000:]  # mid-epoch: 3125 steps make one
