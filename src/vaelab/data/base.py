@@ -150,9 +150,9 @@ class ImageDataModule(pl.LightningDataModule):
         val, train = order[: self.val_size], order[self.val_size :]
         self.train_set = TensorBatches(images[train], labels[train])
         if self.labeled is not None:
-            lab, unlab = balanced_split(labels[train], self.labeled, self.num_classes, self.split_seed)
-            self.labeled_set = TensorBatches(images[train][lab], labels[train][lab])
-            self.unlabeled_set = TensorBatches(images[train][unlab], torch.full((len(unlab),), -1))
+            lab, unlab = balanced_split(self.train_set.labels, self.labeled, self.num_classes, self.split_seed)
+            self.labeled_set = TensorBatches(*self.train_set.__getitems__(lab))
+            self.unlabeled_set = TensorBatches(self.train_set.images[unlab], torch.full((len(unlab),), -1))
         self.val_set = TensorBatches(self.prepare_eval_images(images[val]), labels[val])
         self.test_set = TensorBatches(self.prepare_eval_images(data["test"][0]), data["test"][1])
 
