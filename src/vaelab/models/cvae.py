@@ -37,7 +37,9 @@ class CVAE(LatentVariableModel):
         return diag_gaussian(mu, logvar)
 
     def decode(self, z: torch.Tensor, y: torch.Tensor):
-        return bernoulli_image(self.decoder(z, y).view(-1, *self.input_shape))
+        """p(x|z,y); z (..., z_dim) and y (...) share their leading dimensions."""
+        logits = self.decoder(z.reshape(-1, self.z_dim), y.reshape(-1))
+        return bernoulli_image(logits.view(*y.shape, *self.input_shape))
 
     def elbo(self, batch) -> dict[str, torch.Tensor]:
         x, y = batch

@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from vaelab.elbo import bernoulli_image, diag_gaussian, labeled_bound, unlabeled_bound
-from vaelab.models.base import LatentVariableModel
-from vaelab.nets import MLP, ConditionalMLP
+from vaelab.elbo import diag_gaussian, labeled_bound, unlabeled_bound
+from vaelab.models.cvae import CVAE
+from vaelab.nets import MLP
 
 
-class SSVAE(LatentVariableModel):
-    """M2: p(y) = Cat(uniform), p(z) = N(0, I), p(x|y,z) Bernoulli; q(y|x) a classifier and
-    q(z|x,y) a diagonal Gaussian.
+class SSVAE(CVAE):
+    """M2: the CVAE's q(z|x,y) and p(x|y,z) with p(y) = Cat(uniform), p(z) = N(0, I), and a
+    classifier q(y|x) that supplies y where labels are missing.
 
     Training maximises Kingma et al. 2014, eq. 9, estimated from a labeled and an unlabeled batch:
         w_lab mean_lab [L(x,y) - alpha CE(q(y|x), y)] + w_unlab mean_unlab U(x)
@@ -38,20 +38,15 @@ class SSVAE(LatentVariableModel):
         weighting: str = "batch",
         optimizer=None,
     ) -> None:
-        super().__init__(input_shape, z_dim, optimizer)
         if alpha is not None and alpha < 0:
             raise ValueError(f"model.alpha must be >= 0 (or null for the paper's scaling), got {alpha}.")
         if weighting not in ("batch", "data"):
             raise ValueError(f"model.weighting={weighting!r} must be 'batch' or 'data'.")
-        self.save_hyperparameters(ignore=["optimizer"])
-        self.num_classes = num_classes
+        super().__init__(input_shape, num_classes, z_dim, hidden, activation, optimizer)  # saves all hparams
         self.alpha, self.weighting = alpha, weighting
         self.labeled_share: float | None = None  # N_lab / N, set from the data in setup()
         self.log_py = -math.log(num_classes)  # p(y) = Cat(uniform)
-        pixels = math.prod(self.input_shape)
-        self.classifier = MLP(pixels, hidden, num_classes, activation)
-        self.encoder = ConditionalMLP(pixels, num_classes, hidden, 2 * z_dim, activation)
-        self.decoder = ConditionalMLP(z_dim, num_classes, list(reversed(hidden)), pixels, activation)
+        self.classifier = MLP(math.prod(self.input_shape), hidden, num_classes, activation)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
@@ -73,16 +68,6 @@ class SSVAE(LatentVariableModel):
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of q(y|x)."""
         return self.classifier(x.flatten(1))
-
-    def encode(self, x: torch.Tensor, y: torch.Tensor):
-        """q(z|x,y) for matching x (B, ...) and y (B,)."""
-        mu, logvar = self.encoder(x.flatten(1), y).chunk(2, dim=-1)
-        return diag_gaussian(mu, logvar)
-
-    def decode(self, z: torch.Tensor, y: torch.Tensor):
-        """p(x|y,z); z (..., z_dim) and y (...) share their leading dimensions."""
-        logits = self.decoder(z.reshape(-1, self.z_dim), y.reshape(-1))
-        return bernoulli_image(logits.view(*y.shape, *self.input_shape))
 
     # -- the bounds ----------------------------------------------------------------------
     def labeled_terms(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -145,12 +130,11 @@ class SSVAE(LatentVariableModel):
         """Mean images of p(x|y,z) for z ~ p(z) and the given class(es), or y ~ p(y)."""
         if y is None:
             y = torch.randint(self.num_classes, (n,), device=self.device)
-        y = torch.as_tensor(y, device=self.device).expand(n)
-        return self.decode(torch.randn(n, self.z_dim, device=self.device), y).mean
+        return super().sample(n, y)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Mean of p(x|y,z) at z = E[q(z|x,y)], with y = argmax q(y|x) unless given."""
         if y is None:
             y = self.classify(x).argmax(-1)
-        return self.decode(self.encode(x, y).mean, y).mean
+        return super().reconstruct(x, y)
