@@ -35,6 +35,30 @@ def test_model_and_data_instantiate(model, data, quick_overrides):
     assert len(instantiate_callbacks(cfg.callbacks)) == len(cfg.callbacks)
 
 
+@pytest.mark.parametrize("likelihood", options("likelihood"))
+@pytest.mark.parametrize("net", options("net"))
+def test_every_net_and_likelihood_builds_every_model(net, likelihood, quick_overrides):
+    for model in options("model"):
+        cfg = compose_config("train", [*quick_overrides, f"model={model}", f"net={net}", f"likelihood={likelihood}"])
+        built = hydra.utils.instantiate(cfg.model)
+        assert built.likelihood.type == likelihood
+        z, y = torch.zeros(2, built.z_dim), torch.zeros(2, dtype=torch.long)
+        px = built.decode(z) if model == "vae" else built.decode(z, y)
+        assert px.mean.shape == (2, *cfg.data.input_shape)
+
+
+def net_and_likelihood(overrides: list[str]) -> tuple[str, str]:
+    cfg = compose_config("train", overrides)
+    return cfg.model.net.type, cfg.model.likelihood.type
+
+
+def test_data_picks_net_and_likelihood_unless_told_otherwise(quick_overrides):
+    assert net_and_likelihood(quick_overrides) == ("mlp", "bernoulli")
+    assert net_and_likelihood([*quick_overrides, "data=svhn"]) == ("conv", "logistic")
+    assert net_and_likelihood([*quick_overrides, "data=svhn", "net=mlp", "likelihood=gaussian"]) == ("mlp", "gaussian")
+    assert net_and_likelihood([*quick_overrides, "net=conv"]) == ("conv", "bernoulli")
+
+
 @pytest.mark.parametrize("trainer", options("trainer"))
 def test_trainers_instantiate(trainer, quick_overrides):
     cfg = compose_config("train", [*quick_overrides, f"trainer={trainer}"])

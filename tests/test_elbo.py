@@ -5,7 +5,8 @@ import math
 import torch
 from torch.distributions import Independent, Normal
 
-from vaelab.elbo import bernoulli_image, diag_gaussian, elbo_terms, kl_to_prior, standard_normal
+from vaelab.distributions import bernoulli_image, diag_gaussian, standard_normal
+from vaelab.elbo import elbo_terms, kl_to_prior
 from vaelab.models import VAE
 
 
@@ -58,7 +59,7 @@ def test_elbo_bounds_exact_log_likelihood():
 
 def test_reconstruction_gradient_reaches_encoder_through_z():
     torch.manual_seed(0)
-    model = VAE(input_shape=(1, 4, 4), z_dim=3, hidden=[8])
+    model = VAE(input_shape=(1, 4, 4), z_dim=3, net={"type": "mlp", "hidden": [8]})
     x = torch.bernoulli(torch.full((5, 1, 4, 4), 0.5))
     qz = model.encode(x)
     recon = model.decode(qz.rsample()).log_prob(x).sum()  # no KL: only the path through z

@@ -79,7 +79,7 @@ def test_all_means_fully_labeled():
 
 def tiny_m2() -> SSVAE:
     torch.manual_seed(0)
-    return SSVAE(input_shape=(1, 6, 6), num_classes=4, z_dim=3, hidden=[16, 8], alpha=1.0)
+    return SSVAE(input_shape=(1, 6, 6), num_classes=4, z_dim=3, net={"type": "mlp", "hidden": [16, 8]}, alpha=1.0)
 
 
 def test_vectorised_unlabeled_bound_equals_the_per_class_loop(monkeypatch):
@@ -130,7 +130,7 @@ def test_unlabeled_bound_trains_the_classifier():
 
 def test_cvae_samples_the_requested_class_in_each_row():
     torch.manual_seed(0)
-    model = CVAE(input_shape=(1, 6, 6), num_classes=4, z_dim=3, hidden=[16])
+    model = CVAE(input_shape=(1, 6, 6), num_classes=4, z_dim=3, net={"type": "mlp", "hidden": [16]})
     assert model.sample(5, y=3).shape == (5, 1, 6, 6)
     assert model.sample(4, y=torch.arange(4)).shape == (4, 1, 6, 6)
 

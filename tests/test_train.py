@@ -17,6 +17,26 @@ def test_fast_dev_run_trains_validates_and_tests(quick_overrides):
     metrics = train(compose_config("train", [*quick_overrides, "debug=fdr"]))
     assert {"train/elbo", "train/recon", "train/kl", "val/elbo", "test/elbo", "test/kl"} <= set(metrics)
     assert -800 < metrics["test/elbo"] < 0
+    assert "test/bpd" not in metrics  # nats only for binarized pixels
+
+
+@pytest.mark.parametrize("model", ["vae", "cvae"])
+def test_conv_nets_run_on_mnist(model, quick_overrides):
+    cfg = compose_config("train", [*quick_overrides, "debug=fdr", f"model={model}", "net=conv"])
+    assert cfg.model.net.type == "conv" and cfg.model.likelihood.type == "bernoulli"
+    assert -800 < train(cfg)["test/elbo"] < 0
+
+
+def test_grey_level_mnist_with_a_discretized_likelihood(quick_overrides):
+    overrides = [*quick_overrides, "debug=fdr", "data.binarize=false", "likelihood=logistic"]
+    metrics = train(compose_config("train", overrides))
+    assert 0 < metrics["test/bpd"] < 16
+
+
+def test_discretized_likelihood_on_binarized_mnist_fails_clearly(quick_overrides):
+    cfg = compose_config("train", [*quick_overrides, "debug=fdr", "likelihood=gaussian"])
+    with pytest.raises(ValueError, match="likelihood=gaussian models 8-bit pixels, but MNISTDataModule gives binarized ones; set data.binarize=false"):
+        train(cfg)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""The maths, once: distributions, closed-form KL and the evidence lower bound.
+"""The maths, once: closed-form KL, the evidence lower bounds and their units
+(the distributions they take are in ``vaelab.distributions``).
 
 Conventions: every quantity is returned *per example*, summed over pixels and latent
 dimensions, in nats, so numbers compare with papers (ELBO ~ -100 nats on binarized MNIST,
@@ -7,25 +8,12 @@ not a per-pixel mean).
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch.distributions import Bernoulli, Categorical, Distribution, Independent, Normal, kl_divergence
+from torch.distributions import Categorical, Distribution, Independent, kl_divergence
 
-
-def diag_gaussian(mu: torch.Tensor, logvar: torch.Tensor) -> Independent:
-    """q(z|.) = N(mu, diag(exp(logvar))), one event over the last dimension."""
-    return Independent(Normal(mu, torch.exp(0.5 * logvar), validate_args=False), 1)
-
-
-def standard_normal(like: torch.Tensor) -> Independent:
-    """p(z) = N(0, I) with the shape of ``like`` (batch x z_dim)."""
-    zero = torch.zeros_like(like)
-    return Independent(Normal(zero, torch.ones_like(like), validate_args=False), 1)
-
-
-def bernoulli_image(logits: torch.Tensor) -> Independent:
-    """p(x|z) = prod_pixels Bernoulli(sigmoid(logits)), one event over the last three
-    dimensions (C, H, W); any leading dimensions are batch dimensions."""
-    return Independent(Bernoulli(logits=logits, validate_args=False), 3)
+from vaelab.distributions import standard_normal
 
 
 def kl_to_prior(qz: Independent) -> torch.Tensor:
@@ -66,3 +54,8 @@ def unlabeled_bound(per_class: dict[str, torch.Tensor], qy_logits: torch.Tensor)
     terms["entropy"] = qy.entropy()
     terms["elbo"] = terms["elbo"] + terms["entropy"]
     return terms
+
+
+def bits_per_dim(log_likelihood: torch.Tensor, dims: int) -> torch.Tensor:
+    """-log p(x) / (D ln 2): a per-example bound or log-likelihood in nats as bits per dimension."""
+    return -log_likelihood / (dims * math.log(2))

@@ -52,6 +52,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     num_classes: int
     input_shape: tuple[int, ...]
+    binary = False  # pixels reach the model as {0, 1} (else as 8-bit levels k / 255)
 
     def __init__(
         self,

@@ -32,6 +32,10 @@ class MNISTDataModule(ImageDataModule):
         self.binarize = binarize
 
     @property
+    def binary(self) -> bool:
+        return self.binarize
+
+    @property
     def raw_dir(self) -> Path:
         return Path(self.data_dir) / "MNIST" / "raw"
 

@@ -5,21 +5,30 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
+import math
+from collections.abc import Mapping
+
 import pytorch_lightning as pl
 import torch
+
+from vaelab.distributions import Likelihood
+from vaelab.elbo import bits_per_dim
 
 
 class LatentVariableModel(pl.LightningModule):
     """Subclasses implement ``encode``, ``decode``, ``elbo``, ``sample`` and ``reconstruct``.
 
     ``elbo(batch)`` returns a dict of per-example tensors in nats; the key ``elbo`` is the
-    bound that training maximises, every other key is logged beside it.
+    bound that training maximises, every other key is logged beside it. ``likelihood`` picks
+    the observation model p(x|z) (``vaelab.distributions.Likelihood``); decoders emit
+    ``decoder_shape`` = (parameters per channel x C, H, W) outputs per image.
     """
 
     def __init__(
         self,
         input_shape: Sequence[int],
         z_dim: int,
+        likelihood: str | Mapping | None,
         optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer] | None,
     ) -> None:
         super().__init__()
@@ -27,7 +36,26 @@ class LatentVariableModel(pl.LightningModule):
             raise ValueError(f"model.z_dim must be a positive integer, got {z_dim}.")
         self.input_shape = tuple(input_shape)
         self.z_dim = z_dim
+        self.likelihood = Likelihood.from_spec(likelihood)
+        channels, *size = self.input_shape
+        self.decoder_shape = (self.likelihood.params_per_channel * channels, *size)
         self.optimizer_factory = optimizer
+
+    def setup(self, stage: str) -> None:
+        """Check that the data suits the likelihood: binary pixels for Bernoulli, 8-bit for the others."""
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        binary = getattr(datamodule, "binary", None)
+        if binary is None or binary == self.likelihood.binary:
+            return
+        if self.likelihood.binary:
+            raise ValueError(
+                f"likelihood=bernoulli models binary pixels, but {type(datamodule).__name__} gives 8-bit ones; "
+                "use likelihood=logistic (or gaussian), or binarize the data (data.binarize=true on MNIST)."
+            )
+        raise ValueError(
+            f"likelihood={self.likelihood.type} models 8-bit pixels, but {type(datamodule).__name__} gives "
+            "binarized ones; set data.binarize=false, or use likelihood=bernoulli."
+        )
 
     def elbo(self, batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -73,7 +101,10 @@ class LatentVariableModel(pl.LightningModule):
         self.log_terms(self.elbo(batch), stage)
 
     def log_terms(self, terms: dict[str, torch.Tensor], stage: str) -> None:
-        """Log the mean of every per-example term under ``<stage>/``, averaged over the epoch."""
+        """Log the mean of every per-example term under ``<stage>/``, averaged over the epoch;
+        for 8-bit likelihoods also the bound in bits per dimension (``bpd``)."""
+        if not self.likelihood.binary:
+            terms = {**terms, "bpd": bits_per_dim(terms["elbo"], math.prod(self.input_shape))}
         self.log_dict(
             {f"{stage}/{name}": value.mean() for name, value in terms.items()},
             on_step=False,

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from vaelab.elbo import bernoulli_image, diag_gaussian, elbo_terms
+from vaelab.distributions import diag_gaussian
+from vaelab.elbo import elbo_terms
 from vaelab.models.base import LatentVariableModel
-from vaelab.nets import ConditionalMLP
+from vaelab.nets import Decoder, Encoder
 
 
 class CVAE(LatentVariableModel):
-    """q(z|x,c) = N(mu(x,c), diag sigma^2(x,c)), p(z|c) = N(0, I), p(x|z,c) = Bernoulli(decoder(z,c));
+    """q(z|x,c) = N(mu(x,c), diag sigma^2(x,c)), p(z|c) = N(0, I), p(x|z,c) the chosen likelihood;
     ``sample(n, y)`` generates images of class y ("generate a 9")."""
 
     def __init__(
@@ -21,25 +21,24 @@ class CVAE(LatentVariableModel):
         input_shape: Sequence[int],
         num_classes: int,
         z_dim: int = 50,
-        hidden: Sequence[int] = (512, 512),
-        activation: str = "relu",
+        net: Mapping | None = None,
+        likelihood: str | Mapping | None = None,
         optimizer=None,
     ) -> None:
-        super().__init__(input_shape, z_dim, optimizer)
+        super().__init__(input_shape, z_dim, likelihood, optimizer)
         self.save_hyperparameters(ignore=["optimizer"])
         self.num_classes = num_classes
-        pixels = math.prod(self.input_shape)
-        self.encoder = ConditionalMLP(pixels, num_classes, hidden, 2 * z_dim, activation)
-        self.decoder = ConditionalMLP(z_dim, num_classes, list(reversed(hidden)), pixels, activation)
+        self.encoder = Encoder(net, self.input_shape, 2 * z_dim, num_classes)
+        self.decoder = Decoder(net, z_dim, self.decoder_shape, num_classes)
 
     def encode(self, x: torch.Tensor, y: torch.Tensor):
-        mu, logvar = self.encoder(x.flatten(1), y).chunk(2, dim=-1)
+        mu, logvar = self.encoder(x, y).chunk(2, dim=-1)
         return diag_gaussian(mu, logvar)
 
     def decode(self, z: torch.Tensor, y: torch.Tensor):
         """p(x|z,y); z (..., z_dim) and y (...) share their leading dimensions."""
-        logits = self.decoder(z.reshape(-1, self.z_dim), y.reshape(-1))
-        return bernoulli_image(logits.view(*y.shape, *self.input_shape))
+        out = self.decoder(z.reshape(-1, self.z_dim), y.reshape(-1))
+        return self.likelihood(out.view(*y.shape, *self.decoder_shape))
 
     def elbo(self, batch) -> dict[str, torch.Tensor]:
         x, y = batch

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from vaelab.elbo import diag_gaussian, labeled_bound, unlabeled_bound
+from vaelab.distributions import diag_gaussian
+from vaelab.elbo import labeled_bound, unlabeled_bound
 from vaelab.models.cvae import CVAE
-from vaelab.nets import MLP
+from vaelab.nets import Encoder
 
 
 class SSVAE(CVAE):
@@ -32,8 +33,8 @@ class SSVAE(CVAE):
         input_shape: Sequence[int],
         num_classes: int,
         z_dim: int = 50,
-        hidden: Sequence[int] = (500, 500),
-        activation: str = "softplus",
+        net: Mapping | None = None,
+        likelihood: str | Mapping | None = None,
         alpha: float | None = None,
         weighting: str = "batch",
         optimizer=None,
@@ -42,15 +43,16 @@ class SSVAE(CVAE):
             raise ValueError(f"model.alpha must be >= 0 (or null for the paper's scaling), got {alpha}.")
         if weighting not in ("batch", "data"):
             raise ValueError(f"model.weighting={weighting!r} must be 'batch' or 'data'.")
-        super().__init__(input_shape, num_classes, z_dim, hidden, activation, optimizer)  # saves all hparams
+        super().__init__(input_shape, num_classes, z_dim, net, likelihood, optimizer)  # saves all hparams
         self.alpha, self.weighting = alpha, weighting
         self.labeled_share: float | None = None  # N_lab / N, set from the data in setup()
         self.log_py = -math.log(num_classes)  # p(y) = Cat(uniform)
-        self.classifier = MLP(math.prod(self.input_shape), hidden, num_classes, activation)
+        self.classifier = Encoder(net, self.input_shape, num_classes)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if stage != "fit":
             return
         datamodule = self.trainer.datamodule
@@ -67,7 +69,7 @@ class SSVAE(CVAE):
     # -- the distributions ---------------------------------------------------------------
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of q(y|x)."""
-        return self.classifier(x.flatten(1))
+        return self.classifier(x)
 
     # -- the bounds ----------------------------------------------------------------------
     def labeled_terms(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -77,7 +79,7 @@ class SSVAE(CVAE):
 
     def unlabeled_terms(self, x: torch.Tensor, qy_logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """U(x) and its parts, per example: L(x,y) for all K classes at once on (K, B) tensors."""
-        mu, logvar = self.encoder.all_classes(x.flatten(1)).chunk(2, dim=-1)  # (K, B, z)
+        mu, logvar = self.encoder.all_classes(x).chunk(2, dim=-1)  # (K, B, z)
         qz = diag_gaussian(mu, logvar)
         y = torch.arange(self.num_classes, device=x.device).unsqueeze(1).expand(mu.shape[:2])
         per_class = labeled_bound(x, self.decode(qz.rsample(), y), qz, self.log_py)  # x broadcasts over K

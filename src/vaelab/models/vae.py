@@ -1,40 +1,40 @@
-"""Variational autoencoder (Kingma & Welling 2014) with MLP encoder and decoder."""
+"""Variational autoencoder (Kingma & Welling 2014)."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from vaelab.elbo import bernoulli_image, diag_gaussian, elbo_terms
+from vaelab.distributions import diag_gaussian
+from vaelab.elbo import elbo_terms
 from vaelab.models.base import LatentVariableModel
-from vaelab.nets import MLP
+from vaelab.nets import Decoder, Encoder
 
 
 class VAE(LatentVariableModel):
-    """q(z|x) = N(mu(x), diag sigma^2(x)), p(z) = N(0, I), p(x|z) = Bernoulli(decoder(z))."""
+    """q(z|x) = N(mu(x), diag sigma^2(x)), p(z) = N(0, I), p(x|z) the chosen likelihood
+    (``net`` and ``likelihood`` as in ``vaelab.nets.net_options`` and ``vaelab.distributions.Likelihood``)."""
 
     def __init__(
         self,
         input_shape: Sequence[int],
         z_dim: int = 50,
-        hidden: Sequence[int] = (512, 512),
-        activation: str = "relu",
+        net: Mapping | None = None,
+        likelihood: str | Mapping | None = None,
         optimizer=None,
     ) -> None:
-        super().__init__(input_shape, z_dim, optimizer)
+        super().__init__(input_shape, z_dim, likelihood, optimizer)
         self.save_hyperparameters(ignore=["optimizer"])
-        pixels = math.prod(self.input_shape)
-        self.encoder = MLP(pixels, hidden, 2 * z_dim, activation)
-        self.decoder = MLP(z_dim, list(reversed(hidden)), pixels, activation)
+        self.encoder = Encoder(net, self.input_shape, 2 * z_dim)
+        self.decoder = Decoder(net, z_dim, self.decoder_shape)
 
     def encode(self, x: torch.Tensor):
-        mu, logvar = self.encoder(x.flatten(1)).chunk(2, dim=-1)
+        mu, logvar = self.encoder(x).chunk(2, dim=-1)
         return diag_gaussian(mu, logvar)
 
     def decode(self, z: torch.Tensor):
-        return bernoulli_image(self.decoder(z).view(-1, *self.input_shape))
+        return self.likelihood(self.decoder(z))
 
     def elbo(self, batch) -> dict[str, torch.Tensor]:
         x, _ = batch
