@@ -7,13 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal
 
-from vaelab.callbacks import ImageLogger
 from vaelab.data import MNISTDataModule
 from vaelab.data.split import balanced_split, parse_labeled
 from vaelab.elbo import unlabeled_bound
 from vaelab.models import CVAE, SSVAE
 from vaelab.train import train
-from vaelab.viz import table_grid
+from vaelab.viz import model_figures, table_grid
 from conftest import compose_config
 
 
@@ -134,21 +133,15 @@ def test_cvae_samples_the_requested_class_in_each_row():
     assert model.sample(5, y=3).shape == (5, 1, 6, 6)
     assert model.sample(4, y=torch.arange(4)).shape == (4, 1, 6, 6)
 
-    class Data:
-        def example_batch(self, n, split):
-            return torch.rand(n, 1, 6, 6), torch.arange(n) % 4
-
-    trainer = type("Trainer", (), {"datamodule": Data()})()
-    callback = ImageLogger(out_dir="unused", n_reconstructions=4, n_styles=3)
+    x, y = torch.rand(4, 1, 6, 6), torch.arange(4)
     torch.manual_seed(1)
-    grids = callback.grids(trainer, model)
+    figures = model_figures(model, x, y, n_styles=3)
     torch.manual_seed(1)
-    torch.rand(4, 1, 6, 6)  # the example batch drawn first
     z = torch.randn(3, 3)
     rows = torch.stack([model.decode(z, torch.full((3,), k)).mean for k in range(4)])
-    torch.testing.assert_close(grids["classes"], table_grid(rows))
-    torch.testing.assert_close(grids["styles"], table_grid(rows.transpose(0, 1)))
-    assert grids["classes"].shape[1:] == (4 * 8 + 2, 3 * 8 + 2)  # 4 class rows of 3 samples
+    torch.testing.assert_close(figures["classes"], table_grid(rows))
+    torch.testing.assert_close(figures["styles"], table_grid(rows.transpose(0, 1)))
+    assert figures["classes"].shape[1:] == (4 * 8 + 2, 3 * 8 + 2)  # 4 class rows of 3 samples
 
 
 @pytest.mark.parametrize("model, extra", [("cvae", []), ("ssvae", ["data.labeled=100"])])

@@ -56,6 +56,18 @@ def unlabeled_bound(per_class: dict[str, torch.Tensor], qy_logits: torch.Tensor)
     return terms
 
 
+def log_importance_weight(x: torch.Tensor, px: Distribution, qz: Independent, z: torch.Tensor) -> torch.Tensor:
+    """log w = log p(x|z) + log p(z) - log q(z|x) for samples z ~ q(z|x) of any leading shape."""
+    return px.log_prob(x) + standard_normal(z).log_prob(z) - qz.log_prob(z)
+
+
+def iwae_bound(log_weights: torch.Tensor) -> torch.Tensor:
+    """Importance-weighted bound (Burda et al. 2016, eq. 8), per example:
+    L_k(x) = log (1/k) sum_i w_i, from log_weights (k, B) of k samples z_i ~ q(z|x), via
+    logsumexp. E[L_1] is the ELBO, E[L_k] grows with k and tends to log p(x)."""
+    return torch.logsumexp(log_weights, dim=0) - math.log(log_weights.shape[0])
+
+
 def bits_per_dim(log_likelihood: torch.Tensor, dims: int) -> torch.Tensor:
     """-log p(x) / (D ln 2): a per-example bound or log-likelihood in nats as bits per dimension."""
     return -log_likelihood / (dims * math.log(2))

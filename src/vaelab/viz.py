@@ -1,8 +1,15 @@
-"""Pure picture functions: tensors in, image grids out (used by callbacks and evaluate.py)."""
+"""Pictures: pure functions from tensors to images (grids and plots, as (3, H, W) floats in
+[0, 1]), and ``model_figures``, which draws them for a model through the shared interface
+(``encode``, ``decode``, ``sample``, ``reconstruct``); used by the image callback and evaluate.py."""
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import torch
+from PIL import Image
+from torch.distributions import Normal
 from torchvision.utils import make_grid
 
 
@@ -24,3 +31,130 @@ def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, 
 def table_grid(images: torch.Tensor) -> torch.Tensor:
     """Lay out a (rows, cols, C, H, W) table of images as one grid, row by row."""
     return image_grid(images.flatten(0, 1), nrow=images.shape[1])
+
+
+def analogy_grid(originals: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Analogies: row i shows ``originals[i]`` (N, C, H, W) then ``table[i]`` (N, K, C, H, W),
+    the image's style decoded with each of the K classes."""
+    return table_grid(torch.cat([originals.unsqueeze(1), table], dim=1))
+
+
+def normal_quantile_grid(n: int) -> torch.Tensor:
+    """(n * n, 2) points z of N(0, I) on an n x n grid of quantiles (1/(2n) ... 1 - 1/(2n)), row by
+    row from high z_2 to low and left to right in z_1, for the 2-D latent manifold."""
+    q = Normal(0.0, 1.0).icdf((torch.arange(n) + 0.5) / n)
+    z2, z1 = torch.meshgrid(q.flip(0), q, indexing="ij")
+    return torch.stack([z1, z2], dim=-1).reshape(-1, 2)
+
+
+def project_2d(z: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Latent codes (N, d) as (N, 2): themselves when d <= 2 (padded with zeros for d = 1),
+    else the first two principal components; with the axis description."""
+    z = z.detach().float().cpu()
+    if z.shape[1] <= 2:
+        return torch.nn.functional.pad(z, (0, 2 - z.shape[1])), f"{z.shape[1]}-d z"
+    centred = z - z.mean(0)
+    _, s, v = torch.linalg.svd(centred, full_matrices=False)
+    explained = (s[:2] ** 2).sum() / (s**2).sum()
+    return centred @ v[:2].T, f"{z.shape[1]}-d z, first 2 principal components ({explained:.0%} of variance)"
+
+
+def _render(figure) -> torch.Tensor:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    buffer.seek(0)
+    pixels = np.asarray(Image.open(buffer).convert("RGB"))
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div(255)
+
+
+def latent_scatter(z: torch.Tensor, labels: torch.Tensor, num_classes: int, size: float = 6.0) -> torch.Tensor:
+    """Scatter of latent codes (N, d) coloured by class, with a legend; codes with d > 2 are
+    projected on their first two principal components."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points, axes_label = project_2d(z)
+    labels = labels.cpu()
+    figure, ax = plt.subplots(figsize=(size, size))
+    colours = plt.get_cmap("tab10" if num_classes <= 10 else "tab20")
+    for c in range(num_classes):
+        chosen = points[labels == c]
+        ax.scatter(chosen[:, 0], chosen[:, 1], s=4, alpha=0.6, color=colours(c % colours.N), label=str(c))
+    ax.set_title(f"test encodings E[q(z|x)]: {axes_label}", fontsize="medium")
+    ax.set_xlabel("axis 1")
+    ax.set_ylabel("axis 2")
+    ax.legend(title="class", markerscale=3, loc="best", fontsize="small")
+    figure.tight_layout()
+    return _render(figure)
+
+
+def confusion_plot(matrix: torch.Tensor, size: float = 5.0) -> torch.Tensor:
+    """A confusion matrix (true class x predicted class, counts) as a heat map with its counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = matrix.detach().cpu()
+    k = matrix.shape[0]
+    figure, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    for i in range(k):
+        for j in range(k):
+            share = matrix[i, j] / max(1, int(matrix[i].sum()))
+            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize="x-small",
+                    color="white" if share > 0.5 else "black")
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xlabel("predicted class (argmax q(y|x))")
+    ax.set_ylabel("true class")
+    figure.tight_layout()
+    return _render(figure)
+
+
+@torch.no_grad()
+def model_figures(
+    model, x: torch.Tensor, y: torch.Tensor, n_samples: int = 64, n_styles: int = 8, manifold: int = 20,
+) -> dict[str, torch.Tensor]:
+    """The figures of a model for test images ``x`` with labels ``y`` (on the model's device):
+
+    - ``reconstructions``: originals beside their reconstructions;
+    - ``samples`` (unconditional models): draws from the prior;
+    - ``classes`` (models with ``num_classes``): one row per class, one column per z ~ p(z);
+    - ``styles``: one row per z, one column per class;
+    - ``analogies``: the first ``n_styles`` test images, then their z decoded with every class;
+    - ``manifold`` (unconditional models with z_dim = 2): decoded means over a grid of z quantiles.
+    """
+    figures = {"reconstructions": reconstruction_grid(x, model.reconstruct(x, y))}
+    classes = getattr(model, "num_classes", None)
+    device = x.device
+    if classes is None:
+        figures["samples"] = image_grid(model.sample(n_samples), nrow=max(1, int(n_samples**0.5)))
+        if model.z_dim == 2:
+            means = model.decode(normal_quantile_grid(manifold).to(device)).mean
+            figures["manifold"] = image_grid(means, nrow=manifold)
+        return figures
+    z = torch.randn(n_styles, model.z_dim, device=device).repeat(classes, 1)
+    labels = torch.arange(classes, device=device).repeat_interleave(n_styles)
+    table = model.decode(z, labels).mean.view(classes, n_styles, *x.shape[1:])
+    figures["classes"] = table_grid(table)
+    figures["styles"] = table_grid(table.transpose(0, 1))
+    originals, known = x[:n_styles], y[:n_styles]
+    style = model.encode(originals, known).mean  # z of each image, given its class
+    every = torch.arange(classes, device=device)
+    decoded = model.decode(style.unsqueeze(1).expand(-1, classes, -1), every.expand(len(style), -1)).mean
+    figures["analogies"] = analogy_grid(originals, decoded)
+    return figures
+
+
+@torch.no_grad()
+def latent_codes(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Posterior means E[q(z|x)] (E[q(z|x,y)] with the true class for conditional models)."""
+    if getattr(model, "num_classes", None) is None:
+        return model.encode(x).mean
+    return model.encode(x, y).mean

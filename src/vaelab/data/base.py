@@ -50,6 +50,7 @@ class ImageDataModule(pl.LightningDataModule):
     pass over the unlabeled set while the labeled set cycles, so every step sees labels.
     """
 
+    name: str  # the dataset's short name (file names of what is cached for it)
     num_classes: int
     input_shape: tuple[int, ...]
     binary = False  # pixels reach the model as {0, 1} (else as 8-bit levels k / 255)

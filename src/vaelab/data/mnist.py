@@ -24,6 +24,7 @@ class MNISTDataModule(ImageDataModule):
     binarization) and drawn once, seeded by ``split_seed``, for validation and test.
     """
 
+    name = "mnist"
     num_classes = 10
     input_shape = (1, 28, 28)
 

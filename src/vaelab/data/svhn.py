@@ -40,6 +40,7 @@ class SVHNDataModule(ImageDataModule):
     """SVHN in memory as uint8 tensors, read from ``<data_dir>/SVHN/{train,test,extra}_32x32.mat``
     (torchvision's layout); ``use_extra`` adds the 531k extra images to the training split."""
 
+    name = "svhn"
     num_classes = 10
     input_shape = (3, 32, 32)
 

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 
 from vaelab.distributions import Likelihood
-from vaelab.elbo import bits_per_dim
+from vaelab.elbo import bits_per_dim, iwae_bound
 
 
 class LatentVariableModel(pl.LightningModule):
@@ -23,6 +23,13 @@ class LatentVariableModel(pl.LightningModule):
     the observation model p(x|z) (``vaelab.distributions.Likelihood``); decoders emit
     ``decoder_shape`` = (parameters per channel x C, H, W) outputs per image.
     """
+
+    # importance samples of the test-time IWAE bound (0: not computed); evaluate.py sets them
+    iwae_k = 0
+    # at most this many decoder rows (images x samples) per pass while computing it
+    iwae_rows = 20_000
+    # decoder rows per importance sample and image (M2 decodes every class)
+    rows_per_sample = 1
 
     def __init__(
         self,
@@ -59,6 +66,18 @@ class LatentVariableModel(pl.LightningModule):
 
     def elbo(self, batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def log_weights(self, x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+        """log p(x, z_i) - log q(z_i|x) of k importance samples, shape (k, B)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def iwae(self, x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+        """The k-sample importance-weighted bound per example, drawing the samples in passes
+        of at most ``iwae_rows`` decoder rows."""
+        per_pass = max(1, self.iwae_rows // (len(x) * self.rows_per_sample))
+        sizes = [min(per_pass, k - start) for start in range(0, k, per_pass)]
+        return iwae_bound(torch.cat([self.log_weights(x, y, n) for n in sizes]))
 
     def objective(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss to minimise on a training batch and the scalars to log with it; here the
@@ -118,6 +137,13 @@ class LatentVariableModel(pl.LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         self.evaluation_step(batch, "test")
+        if self.iwae_k:
+            bound = self.iwae(*batch, self.iwae_k)
+            terms = {"nll_iwae": -bound}
+            if not self.likelihood.binary:
+                terms["bpd_iwae"] = bits_per_dim(bound, math.prod(self.input_shape))
+            self.log_dict({f"test/{name}": value.mean() for name, value in terms.items()},
+                          on_step=False, on_epoch=True, sync_dist=True, batch_size=len(bound))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_factory is None:

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from vaelab.distributions import diag_gaussian
-from vaelab.elbo import elbo_terms
+from vaelab.elbo import elbo_terms, log_importance_weight
 from vaelab.models.base import LatentVariableModel
 from vaelab.nets import Decoder, Encoder
 
@@ -44,6 +44,13 @@ class CVAE(LatentVariableModel):
         x, y = batch
         qz = self.encode(x, y)
         return elbo_terms(x, self.decode(qz.rsample(), y), qz)
+
+    def log_weights(self, x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+        """log p(x, z_i | y) - log q(z_i | x, y) for k draws z_i ~ q(z|x,y), shape (k, B): the
+        importance-weighted bound of this model bounds log p(x|y), the class given."""
+        qz = self.encode(x, y)
+        z = qz.sample((k,))
+        return log_importance_weight(x, self.decode(z, y.expand(k, -1)), qz, z)
 
     @torch.no_grad()
     def sample(self, n: int, y: int | torch.Tensor) -> torch.Tensor:

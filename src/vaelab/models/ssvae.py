@@ -7,10 +7,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from vaelab.distributions import diag_gaussian
-from vaelab.elbo import labeled_bound, unlabeled_bound
+from vaelab.elbo import labeled_bound, log_importance_weight, unlabeled_bound
 from vaelab.models.cvae import CVAE
 from vaelab.nets import Encoder
 
@@ -50,6 +50,8 @@ class SSVAE(CVAE):
         self.classifier = Encoder(net, self.input_shape, num_classes)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)  # rows: true class, columns: argmax q(y|x)
+        self.rows_per_sample = num_classes  # decoder passes per importance sample
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -84,6 +86,17 @@ class SSVAE(CVAE):
         y = torch.arange(self.num_classes, device=x.device).unsqueeze(1).expand(mu.shape[:2])
         per_class = labeled_bound(x, self.decode(qz.rsample(), y), qz, self.log_py)  # x broadcasts over K
         return unlabeled_bound(per_class, qy_logits)
+
+    def log_weights(self, x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+        """log w_i = log sum_y p(y) p(x, z_iy | y) / q(z_iy | x, y), z_iy ~ q(z|x,y) for every
+        class: k importance weights (k, B) whose mean estimates p(x) with y summed out exactly,
+        so the importance-weighted bound bounds log p(x). ``y`` (labels) is not used."""
+        mu, logvar = self.encoder.all_classes(x).chunk(2, dim=-1)  # (K, B, z)
+        qz = diag_gaussian(mu, logvar)
+        z = qz.sample((k,))  # (k, K, B, z)
+        classes = torch.arange(self.num_classes, device=x.device).view(-1, 1).expand(mu.shape[:2])
+        per_class = log_importance_weight(x, self.decode(z, classes.expand(k, -1, -1)), qz, z)
+        return torch.logsumexp(per_class + self.log_py, dim=1)
 
     def elbo(self, batch) -> dict[str, torch.Tensor]:
         """For a batch (x, y): U(x), which does not use y, and the classifier's CE on y."""
@@ -124,7 +137,12 @@ class SSVAE(CVAE):
         self.log_terms(terms, stage)
         accuracy = self.val_acc if stage == "val" else self.test_acc
         accuracy(logits, y)
+        if stage == "test":
+            self.test_confusion.update(logits, y)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True)
+
+    def on_test_epoch_start(self) -> None:
+        self.test_confusion.reset()
 
     # -- generation ----------------------------------------------------------------------
     @torch.no_grad()

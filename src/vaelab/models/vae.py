@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from vaelab.distributions import diag_gaussian
-from vaelab.elbo import elbo_terms
+from vaelab.elbo import elbo_terms, log_importance_weight
 from vaelab.models.base import LatentVariableModel
 from vaelab.nets import Decoder, Encoder
 
@@ -34,12 +34,20 @@ class VAE(LatentVariableModel):
         return diag_gaussian(mu, logvar)
 
     def decode(self, z: torch.Tensor):
-        return self.likelihood(self.decoder(z))
+        """p(x|z) for z of shape (..., z_dim)."""
+        out = self.decoder(z.reshape(-1, self.z_dim))
+        return self.likelihood(out.view(*z.shape[:-1], *self.decoder_shape))
 
     def elbo(self, batch) -> dict[str, torch.Tensor]:
         x, _ = batch
         qz = self.encode(x)
         return elbo_terms(x, self.decode(qz.rsample()), qz)
+
+    def log_weights(self, x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+        """log p(x, z_i) - log q(z_i|x) for k draws z_i ~ q(z|x), shape (k, B); ``y`` is not used."""
+        qz = self.encode(x)
+        z = qz.sample((k,))
+        return log_importance_weight(x, self.decode(z), qz, z)
 
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:

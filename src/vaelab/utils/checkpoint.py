@@ -1,11 +1,19 @@
-"""Checks that a checkpoint exists, is one, and fits the configured model."""
+"""Checkpoints: check that one exists, is one, and fits the configured model; restore the
+config of the run that wrote it."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+# command-line choices that replace a restored section: a config group chosen anew
+SECTION_GROUPS = {"model": {"model", "net", "likelihood", "experiment"}, "data": {"data", "experiment"}}
 
 
 def check_checkpoint(path: str, model: pl.LightningModule) -> None:
@@ -32,3 +40,29 @@ def check_checkpoint(path: str, model: pl.LightningModule) -> None:
             f"ckpt_path={path} does not fit model {type(model).__name__} ({details}). Use the model "
             "and sizes it was trained with, e.g. the run's config.yaml: model=... model.z_dim=..."
         )
+
+
+def restore_run_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """``cfg`` with the ``model`` and ``data`` sections of the run that wrote ``cfg.ckpt_path``
+    (``<run>/.hydra/config.yaml`` beside ``<run>/checkpoints/``), unresolved, so paths follow
+    this machine's ``paths``. Command-line ``overrides`` still win: choosing a group anew
+    (``model=...``, ``net=...``, ``data=...``) keeps the composed section, and a value
+    (``data.eval_batch_size=...``) is applied on top of the restored one."""
+    checkpoint = Path(cfg.ckpt_path)
+    saved_path = checkpoint.parent.parent / ".hydra" / "config.yaml"
+    if checkpoint.parent.name != "checkpoints" or not saved_path.is_file():
+        log.warning("No run config found for %s; evaluating the configured model and data.", checkpoint)
+        return cfg
+    saved = OmegaConf.load(saved_path)
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    restored = cfg.copy()
+    for section, groups in SECTION_GROUPS.items():
+        if section not in saved or groups & set(keys):
+            continue
+        with open_dict(restored):
+            restored[section] = saved[section]
+        for key in keys:
+            if key.startswith(f"{section}."):
+                OmegaConf.update(restored, key, OmegaConf.select(cfg, key), force_add=True)
+    log.info("Restored model and data from %s", saved_path)
+    return restored

@@ -1,0 +1,167 @@
+"""evaluate.py: the importance-weighted bound on trained models, sample quality, figures, and
+the command that restores a run and writes metrics.json and the figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from vaelab.classifier import ImageClassifier, build_classifier, real_image_data, sample_accuracy
+from vaelab.data import MNISTDataModule
+from vaelab.models import SSVAE, VAE
+from vaelab.utils import PROJECT_ROOT
+from vaelab.viz import analogy_grid, confusion_plot, latent_scatter, model_figures, normal_quantile_grid, project_2d
+from conftest import compose_config
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_dir) -> MNISTDataModule:
+    datamodule = MNISTDataModule(str(mnist_dir), download=False, batch_size=100)
+    datamodule.setup()
+    return datamodule
+
+
+@pytest.fixture(scope="module")
+def trained_vae(mnist) -> VAE:
+    """A small VAE after 300 steps on binarized MNIST."""
+    torch.manual_seed(0)
+    model = VAE(input_shape=(1, 28, 28), z_dim=8, net={"type": "mlp", "hidden": [128]})
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for step, batch in zip(range(300), mnist.train_dataloader()):
+        loss, _ = model.objective(mnist.preprocess(batch, train=True))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def paired_t(a: torch.Tensor, b: torch.Tensor) -> float:
+    """t statistic of mean(a - b) over paired per-example values."""
+    diff = a - b
+    return float(diff.mean() / (diff.std() / math.sqrt(len(diff))))
+
+
+def test_iwae_exceeds_elbo_and_grows_with_k_on_a_trained_model(trained_vae, mnist):
+    torch.manual_seed(0)
+    x, y = mnist.example_batch(500)
+    with torch.no_grad():
+        elbo = torch.stack([trained_vae.elbo((x, y))["elbo"] for _ in range(20)]).mean(0)
+    bounds = {k: trained_vae.iwae(x, y, k) for k in (1, 10, 100)}
+    # L_1 is an unbiased estimate of the ELBO; L_10 and L_100 lie above it, in that order
+    assert abs(paired_t(bounds[1], elbo)) < 4
+    assert paired_t(bounds[10], elbo) > 5 and paired_t(bounds[100], bounds[10]) > 5
+    assert 0.5 < float((bounds[100] - elbo).mean()) < 30  # a gap of some nats, not an artefact
+
+
+def test_iwae_in_passes_equals_one_pass(trained_vae, mnist):
+    x, y = mnist.example_batch(20)
+    torch.manual_seed(3)
+    whole = trained_vae.iwae(x, y, 50)
+    trained_vae.iwae_rows = 20 * 7  # passes of 7 samples: 7 + 7 + ... + 1
+    try:
+        torch.manual_seed(3)
+        torch.testing.assert_close(trained_vae.iwae(x, y, 50), whole)
+    finally:
+        trained_vae.iwae_rows = VAE.iwae_rows
+
+
+def test_m2_importance_weights_sum_out_the_class():
+    torch.manual_seed(0)
+    model = SSVAE(input_shape=(1, 6, 6), num_classes=4, z_dim=3, net={"type": "mlp", "hidden": [16]}, alpha=1.0)
+    x = torch.bernoulli(torch.full((300, 1, 6, 6), 0.4))
+    with torch.no_grad():
+        u = torch.stack([model.elbo((x, torch.zeros(300, dtype=torch.long)))["elbo"] for _ in range(10)]).mean(0)
+        bound = model.iwae(x, None, 1)
+    assert bound.shape == (300,)
+    # log sum_y p(y) w_y >= sum_y q(y|x) log(p(y) w_y / q(y|x)) = U(x): above U on average
+    assert paired_t(bound, u) > 3
+
+
+def test_figures_have_the_class_layout(trained_vae):
+    torch.manual_seed(0)
+    grid = analogy_grid(torch.rand(3, 1, 28, 28), torch.rand(3, 10, 1, 28, 28))
+    assert grid.shape == (3, 3 * 30 + 2, 11 * 30 + 2)
+    z = normal_quantile_grid(5)
+    assert z.shape == (25, 2) and z[12].abs().max() < 1e-6  # the centre of the grid is z = 0
+    assert (z[:5, 0].diff() > 0).all() and (z[::5, 1].diff() < 0).all()  # z_1 grows rightwards, z_2 downwards
+    points, label = project_2d(torch.randn(400, 5) * torch.tensor([5.0, 0.1, 0.1, 0.1, 2.0]))
+    assert points.shape == (400, 2) and "principal components" in label and points[:, 0].std() > 4
+    scatter = latent_scatter(torch.randn(200, 5), torch.arange(200) % 10, 10, size=4)
+    assert scatter.shape == (3, 400, 400) and scatter.min() < 0.2  # dark marks on white
+    assert confusion_plot(torch.eye(10, dtype=torch.long) * 9).shape == (3, 500, 500)
+
+
+def test_vae_figures_include_the_manifold_when_z_is_2d():
+    model = VAE(input_shape=(1, 28, 28), z_dim=2, net={"type": "mlp", "hidden": [16]})
+    figures = model_figures(model, torch.rand(8, 1, 28, 28), torch.arange(8), manifold=6)
+    assert set(figures) == {"reconstructions", "samples", "manifold"}
+    assert figures["manifold"].shape == (3, 6 * 30 + 2, 6 * 30 + 2)
+
+
+class ClassImages:
+    """Generates real test images: of the asked class, or (``shift``) of the next one."""
+
+    def __init__(self, datamodule: MNISTDataModule, shift: int = 0) -> None:
+        self.x, self.y = datamodule.example_batch(2000)
+        self.num_classes, self.device, self.shift = 10, torch.device("cpu"), shift
+
+    def sample(self, n: int, y: int) -> torch.Tensor:
+        return self.x[self.y == (y + self.shift) % 10][:n]
+
+
+def test_sample_accuracy_scores_class_conditional_images(mnist_dir, tmp_path):
+    grey = real_image_data(compose_config("evaluate", [f"paths.data_dir={mnist_dir}", "ckpt_path=x"]).data)
+    assert grey.binary is False and grey.labeled is None
+    torch.manual_seed(0)
+    classifier = build_classifier(grey, tmp_path / "mnist.pt", epochs=1, limit_train_batches=150).eval()
+    assert isinstance(classifier, ImageClassifier) and (tmp_path / "mnist.pt").is_file()
+    grey.setup()
+    right = sample_accuracy(ClassImages(grey), classifier, per_class=100)
+    wrong = sample_accuracy(ClassImages(grey, shift=1), classifier, per_class=100)
+    assert right.shape == (10,) and right.mean() > 0.9 and wrong.mean() < 0.1
+
+
+def run(script: str, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, script, *overrides, "logger=csv", "extras.print_config=false"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+    )
+
+
+@pytest.mark.parametrize(
+    "model, figures",
+    [
+        (["model.z_dim=2"], {"reconstructions", "samples", "manifold", "latent"}),
+        (["model=ssvae", "data.labeled=100"], {"reconstructions", "classes", "styles", "analogies", "latent", "confusion"}),
+    ],
+    ids=["vae_z2", "ssvae"],
+)
+def test_evaluate_restores_the_run_and_writes_metrics_and_figures(model, figures, mnist_dir, tmp_path):
+    data = f"paths.data_dir={mnist_dir}"
+    limits = ["trainer.max_epochs=1", "trainer.limit_train_batches=30", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
+    trained = run("train.py", data, *model, *limits, f"hydra.run.dir={tmp_path}/run")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    evaluated = run(
+        "evaluate.py", data, f"ckpt_path={tmp_path}/run/checkpoints/last.ckpt", "trainer.limit_test_batches=2",
+        "eval.iwae_k=20", "eval.samples_per_class=50", "eval.classifier_epochs=1", f"eval.classifier_dir={tmp_path}/clf",
+        f"hydra.run.dir={tmp_path}/eval",
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    metrics = report["metrics"]
+    assert metrics["test/nll_iwae"] <= -metrics["test/elbo"] + 1.0  # the tighter bound, within noise
+    assert report["iwae_k"] == 20 and "Bernoulli" in report["likelihood"]
+    assert {path.stem for path in (tmp_path / "eval" / "figures").glob("*.png")} == figures
+    if "model=ssvae" in model:
+        assert 0 <= metrics["test/acc"] <= 1 and 0 <= metrics["test/sample_acc"] <= 1
+        assert sum(map(sum, report["confusion_matrix"])) == 2 * 500  # 2 test batches of 500
+        assert len(report["sample_acc_per_class"]) == 10
+    else:
+        assert Image.open(tmp_path / "eval" / "figures" / "manifold.png").size == (20 * 30 + 2, 20 * 30 + 2)
