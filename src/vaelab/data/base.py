@@ -3,6 +3,8 @@ split and loaders that fetch whole batches by index (no per-item Python work).""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
@@ -11,6 +13,8 @@ from pytorch_lightning.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from vaelab.data.split import balanced_split, parse_labeled
+
+log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -153,6 +157,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.train_set = TensorBatches(images[train], labels[train])
         if self.labeled is not None:
             lab, unlab = balanced_split(self.train_set.labels, self.labeled, self.num_classes, self.split_seed)
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            fingerprint = hashlib.sha1(lab.numpy().tobytes()).hexdigest()[:12]
+            log.info("Rank %d: %d labeled examples (data.split_seed=%d), indices %s", rank, len(lab), self.split_seed, fingerprint)
             self.labeled_set = TensorBatches(*self.train_set.__getitems__(lab))
             self.unlabeled_set = TensorBatches(self.train_set.images[unlab], torch.full((len(unlab),), -1))
         self.val_set = TensorBatches(self.prepare_eval_images(images[val]), labels[val])
@@ -164,14 +171,14 @@ class ImageDataModule(pl.LightningDataModule):
             return {part: self.preprocess(value, train=training) for part, value in batch.items()}
         return self.preprocess(batch, train=training)
 
-    def _loader(self, dataset: TensorBatches | None, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: TensorBatches | None, batch_size: int, shuffle: bool, drop_last: bool | None = None) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"Call {type(self).__name__}.setup() before asking for data loaders.")
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
-            drop_last=shuffle,
+            drop_last=shuffle if drop_last is None else drop_last,
             collate_fn=_keep_batch,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -181,8 +188,10 @@ class ImageDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader | CombinedLoader:
         if self.labeled is None:
             return self._loader(self.train_set, self.batch_size, shuffle=True)
+        # the labeled set keeps its last, smaller batch: under DDP each process holds only its
+        # share of the labels, which may be fewer than labeled_batch_size
         loaders = {
-            "labeled": self._loader(self.labeled_set, min(self.labeled_batch_size, self.labeled), shuffle=True),
+            "labeled": self._loader(self.labeled_set, min(self.labeled_batch_size, self.labeled), shuffle=True, drop_last=False),
             "unlabeled": self._loader(self.unlabeled_set, self.batch_size, shuffle=True),
         }
         return CombinedLoader(loaders, mode="max_size_cycle")

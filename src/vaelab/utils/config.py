@@ -12,6 +12,7 @@ import rich
 import rich.syntax
 import rich.tree
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,10 @@ if not OmegaConf.has_resolver("vaelab_pid"):
 FIRST_FIELDS = ("data", "model", "callbacks", "logger", "trainer", "paths", "extras")
 
 
+@rank_zero_only
 def print_config_tree(cfg: DictConfig, save_dir: str | None = None, order: Sequence[str] = FIRST_FIELDS) -> None:
     """Print the resolved config as a rich tree (main groups first) and, with ``save_dir``,
-    write it there as ``config_tree.log`` and ``config.yaml``."""
+    write it there as ``config_tree.log`` and ``config.yaml`` (in the process of rank 0 only)."""
     tree = rich.tree.Tree("CONFIG", style="dim", guide_style="dim")
     fields = [f for f in order if f in cfg] + [f for f in cfg if f not in order]
     for field in fields:
