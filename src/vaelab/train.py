@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import warnings
+from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
@@ -32,14 +34,27 @@ def finish_wandb() -> None:
         sys.modules["wandb"].finish()
 
 
+def resume_path(cfg: DictConfig) -> str | None:
+    """``ckpt_path``, or for a cluster job that SLURM restarted (requeued after preemption or
+    its time limit: ``SLURM_RESTART_COUNT`` > 0) the ``last.ckpt`` of its own run directory."""
+    if cfg.get("ckpt_path"):
+        return cfg.ckpt_path
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0 and last.is_file():
+        log.info("Restarted job: resuming from %s", last)
+        return str(last)
+    return None
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model, then test the best checkpoint; return every logged metric."""
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model)
-    if cfg.get("ckpt_path"):
-        check_checkpoint(cfg.ckpt_path, model)
+    ckpt_path = resume_path(cfg)
+    if ckpt_path:
+        check_checkpoint(ckpt_path, model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
@@ -48,7 +63,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics: dict[str, float] = {}
     try:
         if cfg.get("train"):
-            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
             metrics.update(trainer.callback_metrics)
         if cfg.get("test"):
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

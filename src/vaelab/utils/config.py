@@ -21,9 +21,11 @@ CONFIG_DIR = PROJECT_ROOT / "conf"
 
 if not OmegaConf.has_resolver("vaelab_root"):
     OmegaConf.register_new_resolver("vaelab_root", lambda: str(PROJECT_ROOT))
-# the process id in run directory names: two runs started in the same second never share one
+# the process id in run directory names: two runs started in the same second never share one.
+# Cached like Hydra's ${now:}: the jobs of a sweep that a launcher runs in other processes
+# (submitit) receive the cache with their config and so resolve the same sweep directory.
 if not OmegaConf.has_resolver("vaelab_pid"):
-    OmegaConf.register_new_resolver("vaelab_pid", os.getpid)
+    OmegaConf.register_new_resolver("vaelab_pid", os.getpid, use_cache=True)
 
 FIRST_FIELDS = ("data", "model", "callbacks", "logger", "trainer", "paths", "extras")
 
