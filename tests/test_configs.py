@@ -19,7 +19,8 @@ def options(group: str) -> list[str]:
 
 
 def test_groups_have_the_documented_options():
-    assert {"default", "cpu", "gpu"} <= set(options("trainer"))
+    assert {"default", "cpu", "gpu", "ddp", "ddp_sim", "mps"} <= set(options("trainer"))
+    assert {"slurm", "local"} <= set(options("hydra/launcher")) and {"ssvae_optuna"} <= set(options("hparams_search"))
     assert {"wandb", "csv", "tensorboard", "many"} <= set(options("logger"))
     assert {"mnist"} <= set(options("data")) and {"vae"} <= set(options("model"))
 
@@ -62,8 +63,9 @@ def test_data_picks_net_and_likelihood_unless_told_otherwise(quick_overrides):
 @pytest.mark.parametrize("trainer", options("trainer"))
 def test_trainers_instantiate(trainer, quick_overrides):
     cfg = compose_config("train", [*quick_overrides, f"trainer={trainer}"])
-    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
-        pytest.skip("no GPU here; the config composed")
+    available = {"gpu": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(cfg.trainer.accelerator, True):
+        pytest.skip(f"no {cfg.trainer.accelerator} device here; the config composed")
     assert hydra.utils.instantiate(cfg.trainer, logger=False).max_epochs == cfg.trainer.max_epochs
 
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -63,3 +64,31 @@ def test_a_restarted_cluster_job_resumes_from_its_last_checkpoint(mnist_dir, tmp
     assert "Restarted job: resuming from" in output and "Restoring states from the checkpoint path" in output
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["global_step"]) == (1, 10)
+
+
+def test_optuna_search_runs_trials_and_resumes_from_its_storage(mnist_dir, tmp_path):
+    storage = f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db"
+    common = ["hparams_search=ssvae_optuna", f"paths.data_dir={mnist_dir}", f"paths.log_dir={tmp_path}", *LIMITS, storage]
+    for _ in range(2):  # 2 trials, then 1 more in the same study
+        result = run_train(*common, f"hydra.sweeper.n_trials={2 if _ == 0 else 1}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    import optuna
+
+    study = optuna.load_study(study_name="ssvae_optuna", storage=f"sqlite:///{tmp_path}/study.db")
+    values = [trial.value for trial in study.trials]
+    assert len(values) == 3 and all(0 <= v <= 1 for v in values)  # val/acc of each trial
+    results = sorted(tmp_path.glob("train/multiruns/*/optimization_results.yaml"))
+    assert OmegaConf.load(results[-1]).best_value == pytest.approx(max(values))
+
+
+def test_wandb_sweep_parameters_are_valid_overrides():
+    spec = yaml.safe_load((CONFIG_DIR / "sweep" / "ssvae_wandb.yaml").read_text())  # W&B's syntax, not OmegaConf's
+    assert (PROJECT_ROOT / spec["program"]).is_file() and "${args_no_hyphens}" in spec["command"]
+    fixed = [arg for arg in spec["command"] if "=" in arg]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        base = compose(config_name="train", overrides=fixed)
+        assert base.optimized_metric == spec["metric"]["name"]
+        for name, space in spec["parameters"].items():
+            value = space["values"][0] if "values" in space else space["min"]
+            cfg = compose(config_name="train", overrides=[*fixed, f"{name}={value}"])  # unknown keys fail
+            assert OmegaConf.select(cfg, name) == value
