@@ -38,7 +38,7 @@ def main() -> None:
     seconds = round((args.max_minutes - minutes) * 60)
     overrides = [
         "model=ssvae", f"data.labeled={args.labeled}", "logger=csv", "trainer=cpu" if not torch.cuda.is_available() else "trainer=gpu",
-        f"trainer.max_epochs={args.max_epochs}", f"+trainer.max_time=00:00:{minutes:02d}:{seconds:02d}",
+        f"trainer.max_epochs={args.max_epochs}", f"trainer.max_time=00:00:{minutes:02d}:{seconds:02d}",
         f"paths.output_dir={out}", f"paths.log_dir={out}", "extras.print_config=false",
         *([f"paths.data_dir={args.data_dir}"] if args.data_dir else []), *args.overrides,
     ]
