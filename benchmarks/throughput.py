@@ -1,11 +1,13 @@
-"""Training throughput of a model under Lightning versus a plain PyTorch loop.
+"""Training throughput of each model under Lightning versus a plain PyTorch loop.
 
 Both train the same model (built from the same Hydra config) on the same MNIST batches in one
-process, alternating rounds so machine noise hits both alike. The first ``--warmup`` steps of
-every run are not timed. Lightning runs as ``python train.py`` does (CSV logging, rich progress
-bar) minus validation and checkpoints, and also bare (no logger, no progress bar). Prints JSON.
+process with the same loss (``model.objective``), alternating rounds so machine noise hits both
+alike. The first ``--warmup`` steps of every run are not timed. Lightning runs as
+``python train.py`` does (CSV logging, rich progress bar) minus validation and checkpoints, and
+also bare (no logger, no progress bar). M2 (ssvae) trains with 100 labels. Prints JSON: images/s
+(unlabeled images for M2) and the ratios, per model, and M2's step time over the VAE's.
 
-    python benchmarks/throughput.py --steps 300 --repeats 3
+    python benchmarks/throughput.py --steps 300 --repeats 3 [--models vae cvae ssvae]
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ def lightning_seconds(overrides: list[str], warmup: int, steps: int, product: bo
 def plain_seconds(overrides: list[str], warmup: int, steps: int) -> float:
     datamodule, model, _ = build(overrides)
     datamodule.setup("fit")
+    if datamodule.labeled is not None:
+        model.use_labels(datamodule.labeled, len(datamodule.train_set))
     optimizer = model.configure_optimizers()
     model.train()
     step, start = 0, 0.0
@@ -83,7 +87,11 @@ def plain_seconds(overrides: list[str], warmup: int, steps: int) -> float:
         for batch in datamodule.train_dataloader():
             if step == warmup:
                 start = time.perf_counter()
-            loss = -model.elbo(datamodule.preprocess(batch, train=True))["elbo"].mean()
+            if isinstance(batch, tuple) and isinstance(batch[0], dict):  # CombinedLoader: (batch, index, loader)
+                batch = {part: datamodule.preprocess(value, train=True) for part, value in batch[0].items()}
+            else:
+                batch = datamodule.preprocess(batch, train=True)
+            loss, _ = model.objective(batch)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -93,19 +101,11 @@ def plain_seconds(overrides: list[str], warmup: int, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="vae")
-    parser.add_argument("--steps", type=int, default=300, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=30, help="untimed steps per run")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of (Lightning, plain)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA_DIR"))
-    args = parser.parse_args()
+MODEL_OVERRIDES = {"vae": ["model=vae"], "cvae": ["model=cvae"], "ssvae": ["model=ssvae", "data.labeled=100"]}
 
-    overrides = [f"model={args.model}", f"data.batch_size={args.batch_size}", "paths.output_dir=."]
-    if args.data_dir:
-        overrides.append(f"paths.data_dir={args.data_dir}")
+
+def measure(overrides: list[str], args) -> dict[str, list[float]]:
+    """Images/s of each way of training, one value per round."""
     runs: dict[str, list[float]] = {"plain": [], "lightning": [], "lightning_bare": []}
     for round_ in range(args.repeats):
         order = ["plain", "lightning", "lightning_bare"]
@@ -115,27 +115,46 @@ def main() -> None:
             else:
                 seconds = lightning_seconds(overrides, args.warmup, args.steps, product=name == "lightning")
             runs[name].append(args.steps * args.batch_size / seconds)
+    return runs
 
-    median = {name: statistics.median(values) for name, values in runs.items()}
-    print(
-        json.dumps(
-            {
-                "model": args.model,
-                "batch_size": args.batch_size,
-                "timed_steps": args.steps,
-                "repeats": args.repeats,
-                "threads": torch.get_num_threads(),
-                "torch": torch.__version__,
-                "lightning": pl.__version__,
-                "cpu": platform.processor() or platform.machine(),
-                "images_per_s": {name: round(value, 1) for name, value in median.items()},
-                "images_per_s_runs": {name: [round(v, 1) for v in values] for name, values in runs.items()},
-                "ratio_lightning_to_plain": round(median["lightning"] / median["plain"], 3),
-                "ratio_lightning_bare_to_plain": round(median["lightning_bare"] / median["plain"], 3),
-            },
-            indent=2,
-        )
-    )
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODEL_OVERRIDES), choices=list(MODEL_OVERRIDES))
+    parser.add_argument("--steps", type=int, default=300, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=30, help="untimed steps per run")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of (Lightning, plain)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA_DIR"))
+    args = parser.parse_args()
+
+    results = {}
+    for model in args.models:
+        overrides = [*MODEL_OVERRIDES[model], f"data.batch_size={args.batch_size}", "paths.output_dir=."]
+        if args.data_dir:
+            overrides.append(f"paths.data_dir={args.data_dir}")
+        runs = measure(overrides, args)
+        median = {name: statistics.median(values) for name, values in runs.items()}
+        results[model] = {
+            "images_per_s": {name: round(value, 1) for name, value in median.items()},
+            "images_per_s_runs": {name: [round(v, 1) for v in values] for name, values in runs.items()},
+            "ratio_lightning_to_plain": round(median["lightning"] / median["plain"], 3),
+            "ratio_lightning_bare_to_plain": round(median["lightning_bare"] / median["plain"], 3),
+        }
+    summary = {
+        "batch_size": args.batch_size,
+        "timed_steps": args.steps,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "models": results,
+    }
+    if {"vae", "ssvae"} <= set(results):
+        plain = {name: results[name]["images_per_s"]["plain"] for name in ("vae", "ssvae")}
+        summary["ssvae_step_time_over_vae"] = round(plain["vae"] / plain["ssvae"], 2)
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -64,7 +64,12 @@ class SSVAE(CVAE):
                 "model=ssvae learns from a few labels and many unlabeled examples: set "
                 "data.labeled=N (a multiple of the number of classes, e.g. data.labeled=100)."
             )
-        self.labeled_share = labeled / len(datamodule.train_set)
+        self.use_labels(labeled, len(datamodule.train_set))
+
+    def use_labels(self, labeled: int, total: int) -> None:
+        """Take N_lab of N training examples as labeled: sets the parts' data shares and, unless
+        given, alpha = 0.1 * N / N_lab."""
+        self.labeled_share = labeled / total
         if self.alpha is None:
             self.alpha = 0.1 / self.labeled_share
 
