@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 import subprocess
 import sys
@@ -33,3 +34,15 @@ def test_ddp_sim_trains_two_processes_into_one_run_directory(model, mnist_dir, t
     if "data.labeled=100" in model:
         splits = dict(re.findall(r"Rank (\d): 100 labeled examples \(data.split_seed=0\), indices (\w+)", output))
         assert set(splits) == {"0", "1"} and splits["0"] == splits["1"]
+        evaluated = subprocess.run(
+            [
+                sys.executable, "evaluate.py", f"ckpt_path={runs[0]}/checkpoints/last.ckpt", "trainer=ddp_sim",
+                f"paths.data_dir={mnist_dir}", "trainer.limit_test_batches=2", "eval.iwae_k=2", "eval.sample_quality=false",
+                f"hydra.run.dir={tmp_path}/eval", "extras.print_config=false",
+            ],
+            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+        )
+        assert evaluated.returncode == 0, (evaluated.stdout + evaluated.stderr)[-3000:]
+        report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+        # the confusion matrix gathers both processes' 2 test batches of 500
+        assert sum(map(sum, report["confusion_matrix"])) == 2 * 2 * 500

@@ -44,15 +44,18 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, f
     try:
         trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+        # every process takes part in gathering the confusion matrix; rank 0 reports it
+        confusion = getattr(model, "test_confusion", None)
+        matrix = confusion.compute().cpu() if confusion is not None else None
         if trainer.is_global_zero:
-            report = extras(cfg, model, datamodule, metrics, loggers)
+            report = extras(cfg, model, datamodule, metrics, loggers, matrix)
             write_report(cfg, model, metrics, report)
     finally:
         finish_wandb()
     return metrics
 
 
-def extras(cfg: DictConfig, model, datamodule, metrics: dict[str, float], loggers) -> dict:
+def extras(cfg: DictConfig, model, datamodule, metrics: dict[str, float], loggers, matrix: torch.Tensor | None) -> dict:
     """Figures, the confusion matrix and sample quality; adds scalar results to ``metrics`` and
     returns the rest for the report."""
     report: dict = {}
@@ -63,9 +66,7 @@ def extras(cfg: DictConfig, model, datamodule, metrics: dict[str, float], logger
     x, y = datamodule.example_batch(cfg.eval.n_latent, split="test")
     codes = torch.cat([latent_codes(model, a.to(model.device), b.to(model.device)) for a, b in zip(x.split(500), y.split(500))])
     figures["latent"] = latent_scatter(codes, y, datamodule.num_classes)
-    confusion = getattr(model, "test_confusion", None)
-    if confusion is not None:
-        matrix = confusion.compute().cpu()
+    if matrix is not None:
         report["confusion_matrix"] = matrix.tolist()
         figures["confusion"] = confusion_plot(matrix)
     if cfg.eval.sample_quality and getattr(model, "num_classes", None):
