@@ -64,6 +64,8 @@ def main() -> None:
     budget = f"00:{int(args.minutes // 60):02d}:{int(args.minutes % 60):02d}:{round(args.minutes % 1 * 60):02d}"
     hardware = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores ({platform.machine()})"
     lines = [
+        f"Produced by `python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`.",
+        "",
         f"Measured {date.today().isoformat()} on {hardware}, training budget {args.minutes:g} minutes per row "
         f"(trainer.max_time={budget}); vae_mnist NLL with IWAE k = {args.iwae_k}.",
         "",
