@@ -17,6 +17,8 @@ def test_shapes_round_trip(spec, shape):
     encoder, decoder = Encoder(spec, shape, 10), Decoder(spec, 5, (2 * shape[0], *shape[1:]))
     assert encoder(torch.rand(4, *shape)).shape == (4, 10)
     assert decoder(torch.randn(4, 5)).shape == (4, 2 * shape[0], *shape[1:])
+    z = torch.randn(3, 4, 5)  # leading dimensions are batch dimensions
+    torch.testing.assert_close(decoder(z)[1], decoder(z[1]))
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s["type"])
@@ -31,6 +33,8 @@ def test_conditional_networks_enumerate_classes_like_one_class_at_a_time(spec):
         torch.testing.assert_close(every[k], encoder(x, y))
     z = torch.randn(5, 3)
     assert not torch.allclose(decoder(z, torch.zeros(5, dtype=torch.long)), decoder(z, torch.ones(5, dtype=torch.long)))
+    classes = torch.arange(4).view(4, 1).expand(4, 5)  # (K, B) as M2 decodes every class
+    torch.testing.assert_close(decoder(z.expand(4, -1, -1), classes)[2], decoder(z, classes[2]))
 
 
 def test_conv_encoder_convolves_and_gradients_reach_every_layer():

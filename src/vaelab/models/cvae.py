@@ -37,8 +37,7 @@ class CVAE(LatentVariableModel):
 
     def decode(self, z: torch.Tensor, y: torch.Tensor):
         """p(x|z,y); z (..., z_dim) and y (...) share their leading dimensions."""
-        out = self.decoder(z.reshape(-1, self.z_dim), y.reshape(-1))
-        return self.likelihood(out.view(*y.shape, *self.decoder_shape))
+        return self.likelihood(self.decoder(z, y))
 
     def elbo(self, batch) -> dict[str, torch.Tensor]:
         x, y = batch

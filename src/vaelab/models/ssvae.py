@@ -51,7 +51,6 @@ class SSVAE(CVAE):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_confusion = MulticlassConfusionMatrix(num_classes)  # rows: true class, columns: argmax q(y|x)
-        self.rows_per_sample = num_classes  # decoder passes per importance sample
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -91,6 +90,11 @@ class SSVAE(CVAE):
         y = torch.arange(self.num_classes, device=x.device).unsqueeze(1).expand(mu.shape[:2])
         per_class = labeled_bound(x, self.decode(qz.rsample(), y), qz, self.log_py)  # x broadcasts over K
         return unlabeled_bound(per_class, qy_logits)
+
+    @property
+    def rows_per_sample(self) -> int:
+        """Decoder rows per importance sample and image: one per class."""
+        return self.num_classes
 
     def log_weights(self, x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
         """log w_i = log sum_y p(y) p(x, z_iy | y) / q(z_iy | x, y), z_iy ~ q(z|x,y) for every

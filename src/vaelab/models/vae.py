@@ -35,8 +35,7 @@ class VAE(LatentVariableModel):
 
     def decode(self, z: torch.Tensor):
         """p(x|z) for z of shape (..., z_dim)."""
-        out = self.decoder(z.reshape(-1, self.z_dim))
-        return self.likelihood(out.view(*z.shape[:-1], *self.decoder_shape))
+        return self.likelihood(self.decoder(z))
 
     def elbo(self, batch) -> dict[str, torch.Tensor]:
         x, _ = batch

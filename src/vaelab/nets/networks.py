@@ -84,5 +84,7 @@ class Decoder(nn.Module):
         self.head = _head(z_dim, hidden, n_features, options["activation"], num_classes)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """z (N, z_dim), y (N,) -> (N, *output_shape)."""
-        return self.image(self.head(z) if y is None else self.head(z, y))
+        """z (..., z_dim), y (...) -> (..., *output_shape); leading dimensions are batch dimensions."""
+        flat = z.reshape(-1, z.shape[-1])
+        out = self.image(self.head(flat) if y is None else self.head(flat, y.reshape(-1)))
+        return out.view(*z.shape[:-1], *out.shape[1:])
