@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vaelab.classifier import ImageClassifier, build_classifier, real_image_data, sample_accuracy
+from vaelab.classifier import ImageClassifier, build_classifier, load_classifier, real_image_data, sample_accuracy
 from vaelab.data import MNISTDataModule
 from vaelab.models import SSVAE, VAE
 from vaelab.utils import PROJECT_ROOT
@@ -120,8 +120,11 @@ def test_sample_accuracy_scores_class_conditional_images(mnist_dir, tmp_path):
     grey = real_image_data(compose_config("evaluate", [f"paths.data_dir={mnist_dir}", "ckpt_path=x"]).data)
     assert grey.binary is False and grey.labeled is None
     torch.manual_seed(0)
-    classifier = build_classifier(grey, tmp_path / "mnist.pt", epochs=1, limit_train_batches=150).eval()
+    classifier, accuracy = build_classifier(grey, tmp_path / "mnist.pt", epochs=1, limit_train_batches=150)
     assert isinstance(classifier, ImageClassifier) and (tmp_path / "mnist.pt").is_file()
+    cached, cached_accuracy = load_classifier(tmp_path / "mnist.pt", grey)  # read back, not trained again
+    assert cached_accuracy == pytest.approx(accuracy) and accuracy > 0.9
+    torch.testing.assert_close(cached.state_dict(), classifier.state_dict())
     grey.setup()
     right = sample_accuracy(ClassImages(grey), classifier, per_class=100)
     wrong = sample_accuracy(ClassImages(grey, shift=1), classifier, per_class=100)

@@ -61,8 +61,11 @@ def real_image_data(data_cfg: DictConfig) -> pl.LightningDataModule:
     return hydra.utils.instantiate(data_cfg, **overrides)
 
 
-def build_classifier(datamodule: pl.LightningDataModule, path: Path, epochs: int = 3, limit_train_batches: int | float | None = None) -> ImageClassifier:
-    """Train the classifier on ``datamodule``'s training split, test it, and save it to ``path``."""
+def build_classifier(
+    datamodule: pl.LightningDataModule, path: Path, epochs: int = 3, limit_train_batches: int | float | None = None
+) -> tuple[ImageClassifier, float]:
+    """Train the classifier on ``datamodule``'s training split, test it, save it to ``path``;
+    return it with its test accuracy on real images."""
     datamodule.setup()
     model = ImageClassifier(datamodule.input_shape, datamodule.num_classes)
     trainer = pl.Trainer(
@@ -75,16 +78,14 @@ def build_classifier(datamodule: pl.LightningDataModule, path: Path, epochs: int
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "test_acc": accuracy}, path)
     log.info("Classifier test accuracy on real %s images: %.2f %%", datamodule.name, 100 * accuracy)
-    return model
+    return model.eval(), accuracy
 
 
-def load_classifier(path: Path, datamodule: pl.LightningDataModule | None = None, epochs: int = 3) -> tuple[ImageClassifier, float]:
+def load_classifier(path: Path, datamodule: pl.LightningDataModule, epochs: int = 3) -> tuple[ImageClassifier, float]:
     """The classifier cached at ``path`` and its test accuracy on real images; built first from
     ``datamodule`` when the file is missing."""
     if not path.is_file():
-        if datamodule is None:
-            raise FileNotFoundError(f"No classifier at {path}; build it with: python -m vaelab.classifier data=...")
-        build_classifier(datamodule, path, epochs)
+        return build_classifier(datamodule, path, epochs)
     saved = torch.load(path, map_location="cpu", weights_only=True)
     model = ImageClassifier(**saved["hyper_parameters"])
     model.load_state_dict(saved["state_dict"])
@@ -108,8 +109,7 @@ def sample_accuracy(generator, classifier: ImageClassifier, per_class: int, batc
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="classifier")
 def main(cfg: DictConfig) -> float:
     datamodule = real_image_data(cfg.data)
-    build_classifier(datamodule, Path(cfg.classifier_dir) / f"{datamodule.name}.pt", cfg.epochs)
-    return load_classifier(Path(cfg.classifier_dir) / f"{datamodule.name}.pt")[1]
+    return build_classifier(datamodule, Path(cfg.classifier_dir) / f"{datamodule.name}.pt", cfg.epochs)[1]
 
 
 if __name__ == "__main__":

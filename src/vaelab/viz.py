@@ -59,9 +59,18 @@ def project_2d(z: torch.Tensor) -> tuple[torch.Tensor, str]:
     return centred @ v[:2].T, f"{z.shape[1]}-d z, first 2 principal components ({explained:.0%} of variance)"
 
 
-def _render(figure) -> torch.Tensor:
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _render(figure) -> torch.Tensor:
+    plt = _pyplot()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
@@ -73,11 +82,7 @@ def _render(figure) -> torch.Tensor:
 def latent_scatter(z: torch.Tensor, labels: torch.Tensor, num_classes: int, size: float = 6.0) -> torch.Tensor:
     """Scatter of latent codes (N, d) coloured by class, with a legend; codes with d > 2 are
     projected on their first two principal components."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     points, axes_label = project_2d(z)
     labels = labels.cpu()
     figure, ax = plt.subplots(figsize=(size, size))
@@ -95,11 +100,7 @@ def latent_scatter(z: torch.Tensor, labels: torch.Tensor, num_classes: int, size
 
 def confusion_plot(matrix: torch.Tensor, size: float = 5.0) -> torch.Tensor:
     """A confusion matrix (true class x predicted class, counts) as a heat map with its counts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     matrix = matrix.detach().cpu()
     k = matrix.shape[0]
     figure, ax = plt.subplots(figsize=(size, size))
