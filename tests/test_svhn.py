@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hydra
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import scipy.io
 import torch
 from omegaconf import OmegaConf
@@ -112,3 +114,13 @@ def test_svhn_with_a_bernoulli_likelihood_fails_clearly(svhn_dir, tmp_path):
     cfg = compose_config("train", [*svhn_overrides(svhn_dir, tmp_path), "likelihood=bernoulli"])
     with pytest.raises(ValueError, match="likelihood=bernoulli models binary pixels, but SVHNDataModule gives 8-bit ones"):
         train(cfg)
+
+
+def test_importance_weighted_bound_is_also_reported_in_bits_per_dimension(svhn_dir, tmp_path):
+    cfg = compose_config("train", [*svhn_overrides(svhn_dir, tmp_path), "model.z_dim=4"])
+    model, datamodule = hydra.utils.instantiate(cfg.model), hydra.utils.instantiate(cfg.data)
+    model.iwae_k = 3
+    trainer = pl.Trainer(logger=False, limit_test_batches=1, enable_progress_bar=False, enable_model_summary=False)
+    metrics = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+    assert metrics["test/bpd_iwae"] == pytest.approx(metrics["test/nll_iwae"] / (3072 * np.log(2)), rel=1e-5)
+    assert metrics["test/bpd"] == pytest.approx(-metrics["test/elbo"] / (3072 * np.log(2)), rel=1e-5)

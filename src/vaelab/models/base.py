@@ -121,15 +121,15 @@ class LatentVariableModel(pl.LightningModule):
 
     def log_terms(self, terms: dict[str, torch.Tensor], stage: str) -> None:
         """Log the mean of every per-example term under ``<stage>/``, averaged over the epoch;
-        for 8-bit likelihoods also the bound in bits per dimension (``bpd``)."""
-        if not self.likelihood.binary:
+        for 8-bit likelihoods also the ELBO in bits per dimension (``bpd``)."""
+        if "elbo" in terms and not self.likelihood.binary:
             terms = {**terms, "bpd": bits_per_dim(terms["elbo"], math.prod(self.input_shape))}
         self.log_dict(
             {f"{stage}/{name}": value.mean() for name, value in terms.items()},
             on_step=False,
             on_epoch=True,
             sync_dist=True,
-            batch_size=len(terms["elbo"]),
+            batch_size=len(next(iter(terms.values()))),
         )
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -142,8 +142,7 @@ class LatentVariableModel(pl.LightningModule):
             terms = {"nll_iwae": -bound}
             if not self.likelihood.binary:
                 terms["bpd_iwae"] = bits_per_dim(bound, math.prod(self.input_shape))
-            self.log_dict({f"test/{name}": value.mean() for name, value in terms.items()},
-                          on_step=False, on_epoch=True, sync_dist=True, batch_size=len(bound))
+            self.log_terms(terms, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_factory is None:
