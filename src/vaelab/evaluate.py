@@ -60,10 +60,10 @@ def extras(cfg: DictConfig, model, datamodule, metrics: dict[str, float], logger
     returns the rest for the report."""
     report: dict = {}
     model.eval()
-    x, y = datamodule.example_batch(cfg.eval.n_examples, split="test")
-    x, y = x.to(model.device), y.to(model.device)
-    figures = model_figures(model, x, y)
-    x, y = datamodule.example_batch(cfg.eval.n_latent, split="test")
+    x, y = datamodule.example_batch(max(cfg.eval.n_examples, cfg.eval.n_latent), split="test")
+    n = cfg.eval.n_examples
+    figures = model_figures(model, x[:n].to(model.device), y[:n].to(model.device))
+    x, y = x[: cfg.eval.n_latent], y[: cfg.eval.n_latent]
     codes = torch.cat([latent_codes(model, a.to(model.device), b.to(model.device)) for a, b in zip(x.split(500), y.split(500))])
     figures["latent"] = latent_scatter(codes, y, datamodule.num_classes)
     if matrix is not None:
@@ -76,9 +76,9 @@ def extras(cfg: DictConfig, model, datamodule, metrics: dict[str, float], logger
         metrics["test/sample_acc"] = float(shares.mean())
         report["sample_acc_per_class"] = shares.tolist()
         report["classifier"] = {"path": str(path), "test_acc_on_real_images": real_accuracy}
+        for logger in loggers:
+            logger.log_metrics({"test/sample_acc": metrics["test/sample_acc"]}, step=0)
     save_figures(figures, Path(cfg.paths.output_dir) / "figures", loggers, step=0)
-    for logger in loggers:
-        logger.log_metrics({k: v for k, v in metrics.items() if k == "test/sample_acc"}, step=0)
     return report
 
 
