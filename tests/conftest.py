@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,15 @@ def mnist_dir() -> Path:
         if _has_mnist(candidate):
             return candidate
     pytest.skip("MNIST files not found; set VAELAB_DATA_DIR to a directory holding MNIST/raw/.")
+
+
+def run_script(script: str, *overrides: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python <script> <overrides>`` from the repository root, capturing its output;
+    ``env`` adds to this process's environment."""
+    return subprocess.run(
+        [sys.executable, script, *overrides],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
 
 
 def compose_config(name: str, overrides: list[str]) -> DictConfig:

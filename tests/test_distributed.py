@@ -5,23 +5,18 @@ from __future__ import annotations
 import csv
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 
-from vaelab.utils import PROJECT_ROOT
+from conftest import run_script
 
 
 @pytest.mark.parametrize("model", [["model=vae"], ["model=ssvae", "data.labeled=100"]], ids=["vae", "ssvae"])
 def test_ddp_sim_trains_two_processes_into_one_run_directory(model, mnist_dir, tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable, "train.py", "trainer=ddp_sim", *model, f"paths.data_dir={mnist_dir}", f"paths.log_dir={tmp_path}",
-            "logger=csv", "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
-            "trainer.limit_test_batches=2",
-        ],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+    result = run_script(
+        "train.py", "trainer=ddp_sim", *model, f"paths.data_dir={mnist_dir}", f"paths.log_dir={tmp_path}",
+        "logger=csv", "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2",
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
@@ -34,13 +29,10 @@ def test_ddp_sim_trains_two_processes_into_one_run_directory(model, mnist_dir, t
     if "data.labeled=100" in model:
         splits = dict(re.findall(r"Rank (\d): 100 labeled examples \(data.split_seed=0\), indices (\w+)", output))
         assert set(splits) == {"0", "1"} and splits["0"] == splits["1"]
-        evaluated = subprocess.run(
-            [
-                sys.executable, "evaluate.py", f"ckpt_path={runs[0]}/checkpoints/last.ckpt", "trainer=ddp_sim",
-                f"paths.data_dir={mnist_dir}", "trainer.limit_test_batches=2", "eval.iwae_k=2", "eval.sample_quality=false",
-                f"hydra.run.dir={tmp_path}/eval", "extras.print_config=false",
-            ],
-            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+        evaluated = run_script(
+            "evaluate.py", f"ckpt_path={runs[0]}/checkpoints/last.ckpt", "trainer=ddp_sim",
+            f"paths.data_dir={mnist_dir}", "trainer.limit_test_batches=2", "eval.iwae_k=2", "eval.sample_quality=false",
+            f"hydra.run.dir={tmp_path}/eval", "extras.print_config=false",
         )
         assert evaluated.returncode == 0, (evaluated.stdout + evaluated.stderr)[-3000:]
         report = json.loads((tmp_path / "eval" / "metrics.json").read_text())

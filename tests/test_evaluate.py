@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +14,8 @@ from PIL import Image
 from vaelab.classifier import ImageClassifier, build_classifier, load_classifier, real_image_data, sample_accuracy
 from vaelab.data import MNISTDataModule
 from vaelab.models import SSVAE, VAE
-from vaelab.utils import PROJECT_ROOT
 from vaelab.viz import analogy_grid, confusion_plot, latent_scatter, model_figures, normal_quantile_grid, project_2d
-from conftest import compose_config
+from conftest import compose_config, run_script
 
 
 @pytest.fixture(scope="module")
@@ -132,10 +129,7 @@ def test_sample_accuracy_scores_class_conditional_images(mnist_dir, tmp_path):
 
 
 def run(script: str, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, script, *overrides, "logger=csv", "extras.print_config=false"],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
-    )
+    return run_script(script, *overrides, "logger=csv", "extras.print_config=false")
 
 
 @pytest.mark.parametrize(

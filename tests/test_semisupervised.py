@@ -50,6 +50,7 @@ def test_every_training_batch_has_labeled_and_unlabeled_parts(mnist_100):
     batch, _, _ = batches[0]
     (x_lab, y_lab), (x_unlab, y_unlab) = batch["labeled"], batch["unlabeled"]
     assert len(x_lab) == 100 and (y_lab >= 0).all() and (y_unlab == -1).all()
+    assert len(x_unlab) == mnist_100.batch_size
 
 
 @pytest.mark.parametrize(

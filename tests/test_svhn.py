@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import hydra
@@ -17,8 +15,7 @@ from omegaconf import OmegaConf
 from vaelab.data import SVHNDataModule
 from vaelab.data.svhn import read_svhn_mat
 from vaelab.train import train
-from vaelab.utils import PROJECT_ROOT
-from conftest import compose_config
+from conftest import compose_config, run_script
 
 
 def write_svhn(path: Path, n: int, seed: int) -> np.ndarray:
@@ -97,13 +94,9 @@ def test_fast_dev_run_on_svhn_with_conv_nets(model, extra, svhn_dir, tmp_path):
 
 
 def test_command_line_svhn_run_picks_conv_and_logistic(svhn_dir, tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable, "train.py", "data=svhn", "model=ssvae", "data.labeled=100",
-            "trainer.fast_dev_run=true", f"paths.data_dir={svhn_dir}", "data.val_size=50",
-            f"paths.log_dir={tmp_path}", "logger=csv",
-        ],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+    result = run_script(
+        "train.py", "data=svhn", "model=ssvae", "data.labeled=100", "trainer.fast_dev_run=true",
+        f"paths.data_dir={svhn_dir}", "data.val_size=50", f"paths.log_dir={tmp_path}", "logger=csv", timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     saved = OmegaConf.load(next(tmp_path.glob("train/runs/*/config.yaml")))

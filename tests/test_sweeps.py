@@ -3,9 +3,7 @@ config, restarted jobs resuming, the Optuna search and the W&B sweep spec."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,13 +12,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from vaelab.utils import CONFIG_DIR, PROJECT_ROOT
+from conftest import run_script
 
 
 def run_train(*overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "train.py", *overrides, "logger=csv", "extras.print_config=false"],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})},
-    )
+    return run_script("train.py", *overrides, "logger=csv", "extras.print_config=false", env=env)
 
 
 LIMITS = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
@@ -46,10 +42,7 @@ def test_slurm_launcher_takes_its_shape_from_the_trainer():
     assert launcher.partition == "gpu" and launcher.account is None and launcher.qos is None
     assert launcher.signal_delay_s > 0 and launcher.max_num_timeout > 0 and launcher.timeout_min > 0
     assert {"cpus_per_task", "mem_gb", "additional_parameters"} <= set(launcher)
-    shown = subprocess.run(
-        [sys.executable, "train.py", "hydra/launcher=slurm", "trainer=ddp", "--cfg", "hydra", "-p", "hydra.launcher"],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
-    )
+    shown = run_script("train.py", "hydra/launcher=slurm", "trainer=ddp", "--cfg", "hydra", "-p", "hydra.launcher", timeout=120)
     assert shown.returncode == 0 and "nodes: ${trainer.num_nodes}" in shown.stdout, shown.stderr[-2000:]
 
 
