@@ -9,11 +9,13 @@ import subprocess
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from vaelab.classifier import ImageClassifier, build_classifier, load_classifier, real_image_data, sample_accuracy
 from vaelab.data import MNISTDataModule
 from vaelab.models import SSVAE, VAE
+from vaelab.utils import restore_run_config
 from vaelab.viz import analogy_grid, confusion_plot, latent_scatter, model_figures, normal_quantile_grid, project_2d
 from conftest import compose_config, run_script
 
@@ -162,3 +164,28 @@ def test_evaluate_restores_the_run_and_writes_metrics_and_figures(model, figures
         assert len(report["sample_acc_per_class"]) == 10
     else:
         assert Image.open(tmp_path / "eval" / "figures" / "manifold.png").size == (20 * 30 + 2, 20 * 30 + 2)
+
+
+def test_run_config_is_restored_and_the_command_line_still_wins(quick_overrides, tmp_path):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    trained = compose_config("train", [*quick_overrides, "model.z_dim=2", "data.batch_size=32"])
+    OmegaConf.save(trained, run / ".hydra" / "config.yaml")  # unresolved, as Hydra writes it
+    ckpt = f"ckpt_path={run}/checkpoints/last.ckpt"
+    value = ["data.eval_batch_size=7"]
+    cfg = restore_run_config(compose_config("evaluate", [*quick_overrides, ckpt, *value]), value)
+    assert (cfg.model.z_dim, cfg.data.batch_size, cfg.data.eval_batch_size) == (2, 32, 7)
+    assert cfg.data.data_dir == compose_config("evaluate", [*quick_overrides, ckpt]).data.data_dir
+    choice = ["model=cvae"]
+    cfg = restore_run_config(compose_config("evaluate", [*quick_overrides, ckpt, *choice]), choice)
+    assert cfg.model._target_.endswith("CVAE") and cfg.model.z_dim == 50 and cfg.data.batch_size == 32
+    elsewhere = compose_config("evaluate", [*quick_overrides, f"ckpt_path={tmp_path}/loose.ckpt"])
+    assert restore_run_config(elsewhere, []) == elsewhere  # no run directory: the configured model
+
+
+def test_classifier_command_builds_the_cache(mnist_dir, tmp_path):
+    result = run_script("-m", "vaelab.classifier", f"paths.data_dir={mnist_dir}", f"classifier_dir={tmp_path}", "epochs=1",
+                        f"hydra.run.dir={tmp_path}/run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, accuracy = load_classifier(tmp_path / "mnist.pt", None)
+    assert accuracy > 0.9
