@@ -4,6 +4,7 @@ import shutil
 import struct
 import urllib.error
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -62,6 +63,31 @@ def test_loader_yields_whole_batches_from_memory(mnist):
     batches = list(mnist.test_dataloader())
     assert sum(len(b[1]) for b in batches) == 10_000
     assert torch.equal(torch.cat([b[1] for b in batches]), mnist.test_set.labels)
+
+
+def test_on_device_moves_every_split_to_the_trainers_device(mnist_dir):
+    """With data.on_device=true setup() puts every split where the trainer puts the model (the
+    meta device stands in for a GPU here) and the loaders gather batches there."""
+    dm = MNISTDataModule(str(mnist_dir), download=False, labeled=100, on_device=True)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")), global_rank=0)
+    dm.setup("fit")
+    for split in ("labeled_set", "unlabeled_set", "val_set", "test_set"):
+        assert getattr(dm, split).images.is_meta and getattr(dm, split).labels.is_meta, split
+    assert not dm.train_set.images.is_meta  # its two parts are what the loaders read
+    batch, _, _ = next(iter(dm.train_dataloader()))
+    assert batch["labeled"][0].is_meta and batch["labeled"][0].shape == (100, 1, 28, 28)
+    assert batch["unlabeled"][0].is_meta and batch["unlabeled"][0].shape == (128, 1, 28, 28)
+    # fully labeled: the training set itself moves; without the option the data stay in host memory
+    for on_device in (True, False):
+        full = MNISTDataModule(str(mnist_dir), download=False, on_device=on_device)
+        full.trainer = dm.trainer
+        full.setup("fit")
+        assert full.train_set.images.is_meta == full.test_set.images.is_meta == on_device
+
+
+def test_on_device_refuses_loader_workers(mnist_dir):
+    with pytest.raises(ValueError, match="data.on_device=true .* set data.num_workers=0 and data.pin_memory=false"):
+        MNISTDataModule(str(mnist_dir), on_device=True, num_workers=2)
 
 
 def test_configured_shape_must_match_the_data(mnist_dir):

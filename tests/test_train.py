@@ -20,6 +20,11 @@ def test_fast_dev_run_trains_validates_and_tests(quick_overrides):
     assert "test/bpd" not in metrics  # nats only for binarized pixels
 
 
+def test_m2_trains_with_the_dataset_on_the_models_device(quick_overrides):
+    overrides = [*quick_overrides, "debug=fdr", "model=ssvae", "data.labeled=100", "data.on_device=true"]
+    assert 0 <= train(compose_config("train", overrides))["test/acc"] <= 1
+
+
 @pytest.mark.parametrize("model", ["vae", "cvae"])
 def test_conv_nets_run_on_mnist(model, quick_overrides):
     cfg = compose_config("train", [*quick_overrides, "debug=fdr", f"model={model}", "net=conv"])

@@ -1,5 +1,6 @@
-"""Shared machinery of the image datamodules: in-memory uint8 tensors, a seeded validation
-split and loaders that fetch whole batches by index (no per-item Python work)."""
+"""Shared machinery of the image datamodules: in-memory uint8 tensors (optionally resident on
+the model's device), a seeded validation split and loaders that fetch whole batches by index
+(no per-item Python work)."""
 
 from __future__ import annotations
 
@@ -35,8 +36,12 @@ class TensorBatches(Dataset):
         return self.images[index], self.labels[index]
 
     def __getitems__(self, indices: Sequence[int]) -> Batch:
-        index = torch.as_tensor(indices)
+        index = torch.as_tensor(indices, device=self.labels.device)
         return self.images[index], self.labels[index]
+
+    def to(self, device: torch.device) -> None:
+        """Move the images and labels to ``device`` (no copy when they are there already)."""
+        self.images, self.labels = self.images.to(device), self.labels.to(device)
 
 
 def _keep_batch(batch: Batch) -> Batch:
@@ -52,6 +57,10 @@ class ImageDataModule(pl.LightningDataModule):
     the classes, drawn by ``split_seed``) and unlabeled ones whose labels are replaced by -1;
     training batches are then ``{"labeled": (x, y), "unlabeled": (x, -1)}``: an epoch is one
     pass over the unlabeled set while the labeled set cycles, so every step sees labels.
+
+    With ``on_device=True`` every split is copied once to the device the trainer puts the
+    model on (each process's own GPU under DDP), so batches are gathered there and nothing
+    crosses the bus per step; preprocessing (binarization) always runs where the batch is.
     """
 
     name: str  # the dataset's short name (file names of what is cached for it)
@@ -73,6 +82,7 @@ class ImageDataModule(pl.LightningDataModule):
         download: bool = True,
         num_classes: int | None = None,
         input_shape: Sequence[int] | None = None,
+        on_device: bool = False,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -87,6 +97,13 @@ class ImageDataModule(pl.LightningDataModule):
                 f"Batch sizes must be positive, got batch_size={batch_size}, "
                 f"eval_batch_size={eval_batch_size}, labeled_batch_size={labeled_batch_size}."
             )
+        if on_device and (num_workers > 0 or pin_memory):
+            raise ValueError(
+                f"data.on_device=true keeps the dataset on the model's device, where loader workers and "
+                f"pinned memory cannot reach it (got num_workers={num_workers}, pin_memory={pin_memory}); "
+                "set data.num_workers=0 and data.pin_memory=false, or data.on_device=false."
+            )
+        self.on_device = on_device
         self.labeled = parse_labeled(labeled, self.num_classes)
         self.labeled_batch_size = labeled_batch_size
         self.data_dir = data_dir
@@ -143,9 +160,19 @@ class ImageDataModule(pl.LightningDataModule):
             raise FileNotFoundError(self.missing_message(missing, reason))
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        data = self.load()
+        if self.train_set is None:
+            self._split(self.load())
+        if self.on_device and self.trainer is not None:
+            for dataset in self._datasets():
+                dataset.to(self.trainer.strategy.root_device)
+
+    def _datasets(self) -> list[TensorBatches]:
+        """The splits the loaders read (with labels split off, their two parts replace the training set)."""
+        parts = ("labeled_set", "unlabeled_set") if self.labeled is not None else ("train_set",)
+        return [getattr(self, name) for name in (*parts, "val_set", "test_set")]
+
+    def _split(self, data: dict[str, Batch]) -> None:
+        """Validation split, labeled split and the evaluation sets from the loaded data."""
         images, labels = data["train"]
         if not 0 <= self.val_size < len(labels):
             raise ValueError(
