@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributions import Categorical, Distribution, Independent, kl_divergence
+from torch.distributions import Categorical, Distribution, Independent
 
 from vaelab.distributions import standard_normal
 
@@ -19,7 +19,8 @@ from vaelab.distributions import standard_normal
 def kl_to_prior(qz: Independent) -> torch.Tensor:
     """KL(q(z|x) || N(0, I)) in closed form, summed over z:
     0.5 * sum_j (mu_j^2 + sigma_j^2 - 1 - log sigma_j^2)."""
-    return kl_divergence(qz, standard_normal(qz.mean))
+    mu, sigma = qz.base_dist.loc, qz.base_dist.scale
+    return (0.5 * (mu.square() + sigma.square() - 1) - sigma.log()).sum(-1)
 
 
 def elbo_terms(x: torch.Tensor, px: Distribution, qz: Independent) -> dict[str, torch.Tensor]:
