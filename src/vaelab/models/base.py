@@ -3,10 +3,8 @@ log the per-example terms of ``elbo(batch)`` on validation and test, build the o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -21,7 +19,8 @@ class LatentVariableModel(pl.LightningModule):
     ``elbo(batch)`` returns a dict of per-example tensors in nats; the key ``elbo`` is the
     bound that training maximises, every other key is logged beside it. ``likelihood`` picks
     the observation model p(x|z) (``vaelab.distributions.Likelihood``); decoders emit
-    ``decoder_shape`` = (parameters per channel x C, H, W) outputs per image.
+    ``decoder_shape`` = (parameters per channel x C, H, W) outputs per image. ``compile=True``
+    compiles the training loss with ``torch.compile``.
     """
 
     # importance samples of the test-time IWAE bound (0: not computed); evaluate.py sets them
@@ -37,6 +36,7 @@ class LatentVariableModel(pl.LightningModule):
         z_dim: int,
         likelihood: str | Mapping | None,
         optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer] | None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if z_dim <= 0:
@@ -47,6 +47,14 @@ class LatentVariableModel(pl.LightningModule):
         channels, *size = self.input_shape
         self.decoder_shape = (self.likelihood.params_per_channel * channels, *size)
         self.optimizer_factory = optimizer
+        self.compile_nets = compile
+
+    def configure_model(self) -> None:
+        """With ``compile=True``, compile the training loss ``objective`` (networks, likelihood
+        and bound, forward and backward) with ``torch.compile``; parameters keep their names,
+        so checkpoints load with or without it."""
+        if self.compile_nets and "objective" not in vars(self):
+            self.objective = torch.compile(self.objective)
 
     def setup(self, stage: str) -> None:
         """Check that the data suits the likelihood: binary pixels for Bernoulli, 8-bit for the others."""

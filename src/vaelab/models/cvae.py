@@ -24,8 +24,9 @@ class CVAE(LatentVariableModel):
         net: Mapping | None = None,
         likelihood: str | Mapping | None = None,
         optimizer=None,
+        compile: bool = False,
     ) -> None:
-        super().__init__(input_shape, z_dim, likelihood, optimizer)
+        super().__init__(input_shape, z_dim, likelihood, optimizer, compile)
         self.save_hyperparameters(ignore=["optimizer"])
         self.num_classes = num_classes
         self.encoder = Encoder(net, self.input_shape, 2 * z_dim, num_classes)

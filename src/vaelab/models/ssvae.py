@@ -38,12 +38,13 @@ class SSVAE(CVAE):
         alpha: float | None = None,
         weighting: str = "batch",
         optimizer=None,
+        compile: bool = False,
     ) -> None:
         if alpha is not None and alpha < 0:
             raise ValueError(f"model.alpha must be >= 0 (or null for the paper's scaling), got {alpha}.")
         if weighting not in ("batch", "data"):
             raise ValueError(f"model.weighting={weighting!r} must be 'batch' or 'data'.")
-        super().__init__(input_shape, num_classes, z_dim, net, likelihood, optimizer)  # saves all hparams
+        super().__init__(input_shape, num_classes, z_dim, net, likelihood, optimizer, compile)  # saves all hparams
         self.alpha, self.weighting = alpha, weighting
         self.labeled_share: float | None = None  # N_lab / N, set from the data in setup()
         self.log_py = -math.log(num_classes)  # p(y) = Cat(uniform)

@@ -23,8 +23,9 @@ class VAE(LatentVariableModel):
         net: Mapping | None = None,
         likelihood: str | Mapping | None = None,
         optimizer=None,
+        compile: bool = False,
     ) -> None:
-        super().__init__(input_shape, z_dim, likelihood, optimizer)
+        super().__init__(input_shape, z_dim, likelihood, optimizer, compile)
         self.save_hyperparameters(ignore=["optimizer"])
         self.encoder = Encoder(net, self.input_shape, 2 * z_dim)
         self.decoder = Decoder(net, z_dim, self.decoder_shape)
