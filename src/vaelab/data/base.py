@@ -37,7 +37,7 @@ class TensorBatches(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> Batch:
         index = torch.as_tensor(indices, device=self.labels.device)
-        return self.images[index], self.labels[index]
+        return self.images.index_select(0, index), self.labels.index_select(0, index)
 
     def to(self, device: torch.device) -> None:
         """Move the images and labels to ``device`` (no copy when they are there already)."""
