@@ -6,8 +6,11 @@ alike. The first ``--warmup`` steps of every run are not timed. Lightning runs a
 ``python train.py`` does (CSV logging, rich progress bar) minus validation and checkpoints, and
 also bare (no logger, no progress bar). M2 (ssvae) trains with 100 labels. Prints JSON: images/s
 (unlabeled images for M2) and the ratios, per model, and M2's step time over the VAE's.
+``--variant`` adds a Lightning run with more overrides to the same rounds (e.g.
+``model.compile=true``) and reports its speed-up over the default Lightning run.
 
     python benchmarks/throughput.py --steps 300 --repeats 3 [--models vae cvae ssvae]
+    python benchmarks/throughput.py --models vae ssvae --variant model.compile=true
 """
 
 from __future__ import annotations
@@ -106,12 +109,14 @@ MODEL_OVERRIDES = {"vae": ["model=vae"], "cvae": ["model=cvae"], "ssvae": ["mode
 
 def measure(overrides: list[str], args) -> dict[str, list[float]]:
     """Images/s of each way of training, one value per round."""
-    runs: dict[str, list[float]] = {"plain": [], "lightning": [], "lightning_bare": []}
+    order = ["plain", "lightning", "lightning_bare"] + (["lightning_variant"] if args.variant else [])
+    runs: dict[str, list[float]] = {name: [] for name in order}
     for round_ in range(args.repeats):
-        order = ["plain", "lightning", "lightning_bare"]
         for name in order if round_ % 2 == 0 else order[::-1]:
             if name == "plain":
                 seconds = plain_seconds(overrides, args.warmup, args.steps)
+            elif name == "lightning_variant":
+                seconds = lightning_seconds([*overrides, *args.variant], args.warmup, args.steps, product=True)
             else:
                 seconds = lightning_seconds(overrides, args.warmup, args.steps, product=name == "lightning")
             runs[name].append(args.steps * args.batch_size / seconds)
@@ -126,6 +131,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of (Lightning, plain)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA_DIR"))
+    parser.add_argument("--variant", nargs="+", default=[], help="overrides of an extra Lightning run, e.g. model.compile=true")
     args = parser.parse_args()
 
     results = {}
@@ -141,9 +147,12 @@ def main() -> None:
             "ratio_lightning_to_plain": round(median["lightning"] / median["plain"], 3),
             "ratio_lightning_bare_to_plain": round(median["lightning_bare"] / median["plain"], 3),
         }
+        if args.variant:
+            results[model]["ratio_variant_to_lightning"] = round(median["lightning_variant"] / median["lightning"], 3)
     summary = {
         "batch_size": args.batch_size,
         "timed_steps": args.steps,
+        "variant": args.variant,
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
