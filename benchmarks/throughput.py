@@ -56,7 +56,7 @@ def build(overrides: list[str]):
         cfg = compose(config_name="train", overrides=overrides)
     torch.manual_seed(0)
     instantiate = hydra.utils.instantiate
-    return instantiate(cfg.data), instantiate(cfg.model), instantiate(cfg.callbacks.rich_progress_bar)
+    return instantiate(cfg.data), instantiate(cfg.model), instantiate(cfg.callbacks.rich_progress_bar, console_kwargs={"stderr": True})  # stdout: the JSON alone
 
 
 def lightning_seconds(overrides: list[str], warmup: int, steps: int, product: bool) -> float:
