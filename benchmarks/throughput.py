@@ -91,10 +91,8 @@ def plain_seconds(overrides: list[str], warmup: int, steps: int) -> float:
             if step == warmup:
                 start = time.perf_counter()
             if isinstance(batch, tuple) and isinstance(batch[0], dict):  # CombinedLoader: (batch, index, loader)
-                batch = {part: datamodule.preprocess(value, train=True) for part, value in batch[0].items()}
-            else:
-                batch = datamodule.preprocess(batch, train=True)
-            loss, _ = model.objective(batch)
+                batch = batch[0]
+            loss, _ = model.objective(datamodule.preprocess_batch(batch, train=True))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -193,10 +193,13 @@ class ImageDataModule(pl.LightningDataModule):
         self.test_set = TensorBatches(self.prepare_eval_images(data["test"][0]), data["test"][1])
 
     def on_after_batch_transfer(self, batch: Batch | dict[str, Batch], dataloader_idx: int):
-        training = self.trainer is not None and self.trainer.training
+        return self.preprocess_batch(batch, train=self.trainer is not None and self.trainer.training)
+
+    def preprocess_batch(self, batch: Batch | dict[str, Batch], train: bool) -> Batch | dict[str, Batch]:
+        """``preprocess`` a loader's batch: a plain one, or each part of a labeled/unlabeled one."""
         if isinstance(batch, dict):
-            return {part: self.preprocess(value, train=training) for part, value in batch.items()}
-        return self.preprocess(batch, train=training)
+            return {part: self.preprocess(value, train=train) for part, value in batch.items()}
+        return self.preprocess(batch, train=train)
 
     def _loader(self, dataset: TensorBatches | None, batch_size: int, shuffle: bool, drop_last: bool | None = None) -> DataLoader:
         if dataset is None:

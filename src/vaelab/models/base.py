@@ -47,13 +47,13 @@ class LatentVariableModel(pl.LightningModule):
         channels, *size = self.input_shape
         self.decoder_shape = (self.likelihood.params_per_channel * channels, *size)
         self.optimizer_factory = optimizer
-        self.compile_nets = compile
+        self.compile_objective = compile
 
     def configure_model(self) -> None:
         """With ``compile=True``, compile the training loss ``objective`` (networks, likelihood
         and bound, forward and backward) with ``torch.compile``; parameters keep their names,
         so checkpoints load with or without it."""
-        if self.compile_nets and "objective" not in vars(self):
+        if self.compile_objective and "objective" not in vars(self):
             self.objective = torch.compile(self.objective)
 
     def setup(self, stage: str) -> None:
