@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=1000)
     parser.add_argument("--max-minutes", type=float, default=20.0, help="training time budget")
     parser.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA_DIR"))
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. model.optimizer.lr=1e-3")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. lit.optimizer.lr=1e-3")
     args = parser.parse_args()
 
     out = PROJECT_ROOT / "outputs" / "benchmarks" / f"m2_mnist_{args.labeled}_{time.strftime('%Y-%m-%d_%H-%M-%S')}"

@@ -7,10 +7,10 @@ alike. The first ``--warmup`` steps of every run are not timed. Lightning runs a
 also bare (no logger, no progress bar). M2 (ssvae) trains with 100 labels. Prints JSON: images/s
 (unlabeled images for M2) and the ratios, per model, and M2's step time over the VAE's.
 ``--variant`` adds a Lightning run with more overrides to the same rounds (e.g.
-``model.compile=true``) and reports its speed-up over the default Lightning run.
+``lit.compile=true``) and reports its speed-up over the default Lightning run.
 
     python benchmarks/throughput.py --steps 300 --repeats 3 [--models vae cvae ssvae]
-    python benchmarks/throughput.py --models vae ssvae --variant model.compile=true
+    python benchmarks/throughput.py --models vae ssvae --variant lit.compile=true
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from pytorch_lightning.loggers import CSVLogger
 
+from vaelab import train
 from vaelab.utils import CONFIG_DIR
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -51,12 +52,13 @@ class StepTimer(pl.Callback):
 
 
 def build(overrides: list[str]):
-    """The datamodule, model and progress bar that ``python train.py`` would build."""
+    """The datamodule, LightningModule and progress bar that ``python train.py`` would build."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     torch.manual_seed(0)
-    instantiate = hydra.utils.instantiate
-    return instantiate(cfg.data), instantiate(cfg.model), instantiate(cfg.callbacks.rich_progress_bar, console_kwargs={"stderr": True})  # stdout: the JSON alone
+    datamodule = hydra.utils.instantiate(cfg.data)
+    progress_bar = hydra.utils.instantiate(cfg.callbacks.rich_progress_bar, console_kwargs={"stderr": True})  # stdout: the JSON alone
+    return datamodule, train.build(cfg, datamodule), progress_bar
 
 
 def lightning_seconds(overrides: list[str], warmup: int, steps: int, product: bool) -> float:
@@ -81,8 +83,7 @@ def lightning_seconds(overrides: list[str], warmup: int, steps: int, product: bo
 def plain_seconds(overrides: list[str], warmup: int, steps: int) -> float:
     datamodule, model, _ = build(overrides)
     datamodule.setup("fit")
-    if datamodule.labeled is not None:
-        model.use_labels(datamodule.labeled, len(datamodule.train_set))
+    model.configure_model()
     optimizer = model.configure_optimizers()
     model.train()
     step, start = 0, 0.0
@@ -129,7 +130,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of (Lightning, plain)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA_DIR"))
-    parser.add_argument("--variant", nargs="+", default=[], help="overrides of an extra Lightning run, e.g. model.compile=true")
+    parser.add_argument("--variant", nargs="+", default=[], help="overrides of an extra Lightning run, e.g. lit.compile=true")
     args = parser.parse_args()
 
     results = {}

@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from vaelab.train import build
 from vaelab.utils import CONFIG_DIR, PROJECT_ROOT, instantiate_callbacks, instantiate_loggers
 from conftest import compose_config
 
@@ -30,9 +31,9 @@ def test_groups_have_the_documented_options():
 def test_model_and_data_instantiate(model, data, quick_overrides):
     cfg = compose_config("train", [*quick_overrides, f"model={model}", f"data={data}"])
     datamodule = hydra.utils.instantiate(cfg.data)
-    net = hydra.utils.instantiate(cfg.model)
-    assert tuple(net.input_shape) == datamodule.input_shape
-    assert isinstance(net.configure_optimizers(), torch.optim.Optimizer)
+    module = build(cfg, datamodule)
+    assert tuple(module.model.input_shape) == datamodule.input_shape
+    assert isinstance(module.configure_optimizers(), torch.optim.Optimizer)
     assert len(instantiate_callbacks(cfg.callbacks)) == len(cfg.callbacks)
 
 

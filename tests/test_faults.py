@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from vaelab.evaluate import evaluate
+from vaelab.lit import LitModel
 from vaelab.models import VAE
 from vaelab.train import train
 from vaelab.utils import PROJECT_ROOT
@@ -20,18 +21,18 @@ from conftest import compose_config
 
 
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(quick_overrides, tmp_path, monkeypatch):
-    elbo, calls = VAE.elbo, {"n": 0}
+    bound, calls = VAE.bound, {"n": 0}
 
-    def failing_elbo(self, batch):
-        terms = elbo(self, batch)
+    def failing_bound(self, x, y=None):
+        terms = bound(self, x, y)
         if self.training:
             calls["n"] += 1
             if calls["n"] == 8:  # the 3rd step of the 2nd epoch
-                terms["recon"] = terms["recon"] * math.nan
-                terms["elbo"] = terms["recon"] - terms["kl"]
+                terms.recon = terms.recon * math.nan
+                terms.elbo = terms.recon - terms.kl
         return terms
 
-    monkeypatch.setattr(VAE, "elbo", failing_elbo)
+    monkeypatch.setattr(VAE, "bound", failing_bound)
     overrides = [*quick_overrides, "trainer.max_epochs=3", "trainer.limit_train_batches=5", "trainer.limit_val_batches=1"]
     with pytest.raises(FloatingPointError, match=r"Non-finite loss at step 7 \(epoch 1\): train/elbo, train/recon went non-finite \(.*train/kl=[0-9.]+\)"):
         train(compose_config("train", overrides))
@@ -65,17 +66,17 @@ def test_termination_signal_writes_a_checkpoint_before_exit(signum, mnist_dir, t
 @pytest.fixture
 def vae_checkpoint(tmp_path) -> Path:
     path = tmp_path / "vae.ckpt"
-    model = VAE(input_shape=(1, 28, 28), z_dim=50)
+    model = LitModel(VAE(input_shape=(1, 28, 28), z_dim=50))
     torch.save({"state_dict": model.state_dict()}, path)
     return path
 
 
 def test_checkpoint_of_another_model_is_rejected(quick_overrides, vae_checkpoint):
     cfg = compose_config("evaluate", [*quick_overrides, "model=cvae", f"ckpt_path={vae_checkpoint}"])
-    with pytest.raises(ValueError, match="does not fit model CVAE .*missing: .*Use the model and sizes it was trained with"):
+    with pytest.raises(ValueError, match="does not fit model=cvae .*missing: .*Use the model and sizes it was trained with"):
         evaluate(cfg)
     cfg = compose_config("train", [*quick_overrides, "model.z_dim=20", f"ckpt_path={vae_checkpoint}"])
-    with pytest.raises(ValueError, match="does not fit model VAE .*other shape: decoder.head.0.weight"):
+    with pytest.raises(ValueError, match="does not fit model=vae .*other shape: model.decoder.head.0.weight"):
         train(cfg)
 
 

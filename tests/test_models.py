@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch._inductor import config as inductor_config
 
-from vaelab.models import SSVAE, VAE
+from vaelab.lit import LitModel
+from vaelab.models import M2, VAE
 
 
 def _model_and_batch(name: str):
@@ -14,15 +15,14 @@ def _model_and_batch(name: str):
     x = torch.bernoulli(torch.full((8, 1, 6, 6), 0.3))
     y = torch.arange(8) % 4
     if name == "vae":
-        return VAE((1, 6, 6), z_dim=3, net=net, compile=True), (x, y)
-    model = SSVAE((1, 6, 6), num_classes=4, z_dim=3, net=net, alpha=1.0, compile=True)
-    model.use_labels(labeled=4, total=12)
+        return LitModel(VAE((1, 6, 6), z_dim=3, net=net), compile=True), (x, y)
+    model = LitModel(M2((1, 6, 6), num_classes=4, z_dim=3, net=net), alpha=1.0, compile=True, labeled=4, train_size=12)
     return model, {"labeled": (x[:4], y[:4]), "unlabeled": (x[4:], torch.full((4,), -1))}
 
 
 @pytest.mark.parametrize("name", ["vae", "ssvae"])
 def test_compiled_objective_computes_the_same_loss_and_gradients(name):
-    """model.compile=true: configure_model() compiles the training loss; with the same random
+    """lit.compile=true: configure_model() compiles the training loss; with the same random
     draws (inductor told to use eager's generator) it equals the eager loss, gradients included,
     and parameter names (so checkpoints) do not change."""
     model, batch = _model_and_batch(name)

@@ -10,9 +10,11 @@ from torch.distributions import Normal
 from vaelab.data import MNISTDataModule
 from vaelab.data.split import balanced_split, parse_labeled
 from vaelab.elbo import unlabeled_bound
-from vaelab.models import CVAE, SSVAE
+from vaelab.lit import LitModel
+from vaelab.models import M2, VAE
+from vaelab.report import model_figures
 from vaelab.train import train
-from vaelab.viz import model_figures, table_grid
+from vaelab.viz import table_grid
 from conftest import compose_config
 
 
@@ -77,9 +79,9 @@ def test_all_means_fully_labeled():
     assert parse_labeled("all", 10) is None and parse_labeled(None, 10) is None
 
 
-def tiny_m2() -> SSVAE:
+def tiny_m2() -> M2:
     torch.manual_seed(0)
-    return SSVAE(input_shape=(1, 6, 6), num_classes=4, z_dim=3, net={"type": "mlp", "hidden": [16, 8]}, alpha=1.0)
+    return M2(input_shape=(1, 6, 6), num_classes=4, z_dim=3, net={"type": "mlp", "hidden": [16, 8]})
 
 
 def test_vectorised_unlabeled_bound_equals_the_per_class_loop(monkeypatch):
@@ -87,29 +89,38 @@ def test_vectorised_unlabeled_bound_equals_the_per_class_loop(monkeypatch):
     model = tiny_m2()
     x = torch.bernoulli(torch.full((5, 1, 6, 6), 0.4))
     logits = model.classify(x)
-    vectorised = model.unlabeled_terms(x, logits)
+    vectorised = model.bound(x, qy_logits=logits)
     q = logits.softmax(-1)
-    per_class = [model.labeled_terms(x, torch.full((5,), k)) for k in range(4)]
-    explicit = sum(q[:, k] * per_class[k]["elbo"] for k in range(4)) - (q * q.log()).sum(-1)
-    torch.testing.assert_close(vectorised["elbo"], explicit)
-    torch.testing.assert_close(vectorised["kl"], sum(q[:, k] * per_class[k]["kl"] for k in range(4)))
+    per_class = [model.bound(x, torch.full((5,), k)) for k in range(4)]
+    explicit = sum(q[:, k] * per_class[k].elbo for k in range(4)) - (q * q.log()).sum(-1)
+    torch.testing.assert_close(vectorised.elbo, explicit)
+    torch.testing.assert_close(vectorised.kl, sum(q[:, k] * per_class[k].kl for k in range(4)))
+    torch.testing.assert_close(model.bound(x).elbo, vectorised.elbo)  # q(y|x) computed by the model
 
 
 def test_objective_is_eq_9_with_batch_means(monkeypatch):
     monkeypatch.setattr(Normal, "rsample", lambda self, shape=torch.Size(): self.loc)  # z = mean
-    model = tiny_m2()  # alpha = 1
+    model = tiny_m2()
+    lit = LitModel(model, alpha=1.0)
     x_lab, y_lab = torch.bernoulli(torch.full((4, 1, 6, 6), 0.4)), torch.tensor([0, 1, 2, 3])
     x_unlab = torch.bernoulli(torch.full((6, 1, 6, 6), 0.4))
-    loss, metrics = model.objective({"labeled": (x_lab, y_lab), "unlabeled": (x_unlab, torch.full((6,), -1))})
-    L = model.labeled_terms(x_lab, y_lab)["elbo"].mean()
-    U = model.unlabeled_terms(x_unlab, model.classify(x_unlab))["elbo"].mean()
+    loss, metrics = lit.objective({"labeled": (x_lab, y_lab), "unlabeled": (x_unlab, torch.full((6,), -1))})
+    L = model.bound(x_lab, y_lab).elbo.mean()
+    U = model.bound(x_unlab).elbo.mean()
     ce = F.cross_entropy(model.classify(x_lab), y_lab)
     torch.testing.assert_close(loss, -(L - 1.0 * ce + U))
-    model.weighting, model.labeled_share = "data", 0.01
-    loss, _ = model.objective({"labeled": (x_lab, y_lab), "unlabeled": (x_unlab, torch.full((6,), -1))})
+    lit.weighting, lit.labeled_share = "data", 0.01
+    loss, _ = lit.objective({"labeled": (x_lab, y_lab), "unlabeled": (x_unlab, torch.full((6,), -1))})
     torch.testing.assert_close(loss, -(0.01 * (L - 1.0 * ce) + 0.99 * U))
     torch.testing.assert_close(metrics["ce"], ce)
-    torch.testing.assert_close(metrics["elbo_unlabeled"], U)
+    torch.testing.assert_close(metrics["elbo"], U)
+    torch.testing.assert_close(metrics["elbo_labeled"], L)
+
+
+def test_alpha_takes_the_papers_scaling_from_the_data_facts():
+    lit = LitModel(tiny_m2(), labeled=100, train_size=50_000)
+    assert lit.alpha == pytest.approx(50.0) and lit.hparams.alpha == pytest.approx(50.0)
+    assert LitModel(tiny_m2(), alpha=3.0, labeled=100, train_size=50_000).alpha == 3.0
 
 
 def test_unlabeled_bound_formula():
@@ -124,13 +135,13 @@ def test_unlabeled_bound_formula():
 def test_unlabeled_bound_trains_the_classifier():
     model = tiny_m2()
     x = torch.bernoulli(torch.full((5, 1, 6, 6), 0.4))
-    model.unlabeled_terms(x, model.classify(x))["elbo"].sum().backward()
+    model.bound(x).elbo.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.classifier.parameters())
 
 
 def test_cvae_samples_the_requested_class_in_each_row():
     torch.manual_seed(0)
-    model = CVAE(input_shape=(1, 6, 6), num_classes=4, z_dim=3, net={"type": "mlp", "hidden": [16]})
+    model = VAE(input_shape=(1, 6, 6), num_classes=4, z_dim=3, net={"type": "mlp", "hidden": [16]})
     assert model.sample(5, y=3).shape == (5, 1, 6, 6)
     assert model.sample(4, y=torch.arange(4)).shape == (4, 1, 6, 6)
 
@@ -148,9 +159,10 @@ def test_cvae_samples_the_requested_class_in_each_row():
 @pytest.mark.parametrize("model, extra", [("cvae", []), ("ssvae", ["data.labeled=100"])])
 def test_fast_dev_run(model, extra, quick_overrides):
     metrics = train(compose_config("train", [*quick_overrides, f"model={model}", *extra, "debug=fdr"]))
-    assert "test/elbo" in metrics
     if model == "ssvae":
-        assert {"train/elbo_labeled", "train/elbo_unlabeled", "train/ce", "train/entropy", "val/acc", "test/acc"} <= set(metrics)
+        assert {"train/elbo", "train/elbo_labeled", "train/ce", "train/entropy", "val/elbo", "val/acc", "test/acc"} <= set(metrics)
+    else:
+        assert {"train/elbo_given_y", "val/elbo_given_y"} <= set(metrics) and "val/elbo" not in metrics
 
 
 def test_ssvae_without_labels_fails_clearly(quick_overrides):
@@ -167,7 +179,7 @@ def test_short_ssvae_run_with_100_labels_beats_chance(quick_overrides):
     overrides = [
         *quick_overrides, "model=ssvae", "data.labeled=100", "trainer.max_epochs=1",
         "trainer.limit_train_batches=120", "trainer.limit_val_batches=4", "trainer.limit_test_batches=4",
-        "model.optimizer.lr=1e-3",
+        "lit.optimizer.lr=1e-3",
     ]
     metrics = train(compose_config("train", overrides))
     assert metrics["val/acc"] > 0.5, metrics

@@ -18,11 +18,14 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from vaelab.callbacks.images import save_figures
 from vaelab.classifier import load_classifier, real_image_data, sample_accuracy
-from vaelab.train import finish_wandb
+from vaelab.data import ImageDataModule
+from vaelab.lit import LitModel, model_name
+from vaelab.models import LatentModel
+from vaelab.report import latent_codes, model_figures, save_figures
+from vaelab.train import build, finish_wandb
 from vaelab.utils import CONFIG_DIR, apply_extras, check_checkpoint, instantiate_loggers, log_hyperparameters, restore_run_config
-from vaelab.viz import confusion_plot, latent_codes, latent_scatter, model_figures
+from vaelab.viz import confusion_plot, latent_scatter
 
 log = logging.getLogger(__name__)
 
@@ -34,31 +37,45 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, f
         raise ValueError("Give the checkpoint to evaluate: python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt")
     cfg = restore_run_config(cfg, overrides or [])
     apply_extras(cfg)
-    model: pl.LightningModule = hydra.utils.instantiate(cfg.model)
-    check_checkpoint(cfg.ckpt_path, model)
-    model.iwae_k, model.iwae_rows = cfg.eval.iwae_k, cfg.eval.iwae_rows
-    datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    datamodule: ImageDataModule = hydra.utils.instantiate(cfg.data)
+    module = build(cfg, datamodule, iwae_k=cfg.eval.iwae_k, iwae_rows=cfg.eval.iwae_rows)
+    check_checkpoint(cfg.ckpt_path, module)
+    if cfg.eval.iwae_k:
+        log.info("IWAE bound with k = %d: %s", cfg.eval.iwae_k, iwae_cost(module, cfg.eval.iwae_k, datamodule))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers)
-    log_hyperparameters(cfg, model, loggers)
+    log_hyperparameters(cfg, module, loggers)
     try:
-        trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.test(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-        # every process takes part in gathering the confusion matrix; rank 0 reports it
-        confusion = getattr(model, "test_confusion", None)
-        matrix = confusion.compute().cpu() if confusion is not None else None
+        matrix = module.confusion_matrix()  # every process takes part in gathering it
         if trainer.is_global_zero:
-            report = extras(cfg, model, datamodule, metrics, loggers, matrix)
-            write_report(cfg, model, metrics, report)
+            report = {}
+            figures = evaluation_figures(cfg, module.model, datamodule)
+            if matrix is not None:
+                report["confusion_matrix"] = matrix.tolist()
+                figures["confusion"] = confusion_plot(matrix)
+            if cfg.eval.sample_quality and module.model.num_classes:
+                report.update(sample_quality(cfg, module.model, datamodule, metrics, loggers))
+            save_figures(figures, Path(cfg.paths.output_dir) / "figures", loggers, step=0)
+            write_report(cfg, module.model, metrics, report)
     finally:
         finish_wandb()
     return metrics
 
 
-def extras(cfg: DictConfig, model, datamodule, metrics: dict[str, float], loggers, matrix: torch.Tensor | None) -> dict:
-    """Figures, the confusion matrix and sample quality; adds scalar results to ``metrics`` and
-    returns the rest for the report."""
-    report: dict = {}
+def iwae_cost(module: LitModel, k: int, datamodule: ImageDataModule) -> str:
+    """What the importance-weighted bound will cost: decoder rows and forward passes over the test set."""
+    datamodule.setup("test")
+    images, batch, per_image = len(datamodule.test_set), datamodule.eval_batch_size, module.model.rows_per_sample
+    per_pass = max(1, module.iwae_rows // (min(batch, images) * per_image))
+    passes = -(-k // per_pass) * -(-images // batch)
+    return f"{k * images * per_image:.3g} decoder rows (k x {images} test images x {per_image}) in {passes} passes"
+
+
+@torch.no_grad()
+def evaluation_figures(cfg: DictConfig, model: LatentModel, datamodule: ImageDataModule) -> dict[str, torch.Tensor]:
+    """The model's figures on the first test images, and the latent scatter of ``eval.n_latent`` of them."""
     model.eval()
     x, y = datamodule.example_batch(max(cfg.eval.n_examples, cfg.eval.n_latent), split="test")
     n = cfg.eval.n_examples
@@ -66,20 +83,20 @@ def extras(cfg: DictConfig, model, datamodule, metrics: dict[str, float], logger
     x, y = x[: cfg.eval.n_latent], y[: cfg.eval.n_latent]
     codes = torch.cat([latent_codes(model, a.to(model.device), b.to(model.device)) for a, b in zip(x.split(500), y.split(500))])
     figures["latent"] = latent_scatter(codes, y, datamodule.num_classes)
-    if matrix is not None:
-        report["confusion_matrix"] = matrix.tolist()
-        figures["confusion"] = confusion_plot(matrix)
-    if cfg.eval.sample_quality and getattr(model, "num_classes", None):
-        path = Path(cfg.eval.classifier_dir) / f"{datamodule.name}.pt"
-        classifier, real_accuracy = load_classifier(path, real_image_data(cfg.data), cfg.eval.classifier_epochs)
-        shares = sample_accuracy(model, classifier, cfg.eval.samples_per_class)
-        metrics["test/sample_acc"] = float(shares.mean())
-        report["sample_acc_per_class"] = shares.tolist()
-        report["classifier"] = {"path": str(path), "test_acc_on_real_images": real_accuracy}
-        for logger in loggers:
-            logger.log_metrics({"test/sample_acc": metrics["test/sample_acc"]}, step=0)
-    save_figures(figures, Path(cfg.paths.output_dir) / "figures", loggers, step=0)
-    return report
+    return figures
+
+
+def sample_quality(cfg: DictConfig, model: LatentModel, datamodule: ImageDataModule, metrics: dict[str, float], loggers) -> dict:
+    """``test/sample_acc``: the share of class-conditional samples that an independent classifier
+    (built on first use) assigns to their class; adds it to ``metrics`` and the loggers and
+    returns the per-class shares and the classifier's own accuracy for the report."""
+    path = Path(cfg.eval.classifier_dir) / f"{datamodule.name}.pt"
+    classifier, real_accuracy = load_classifier(path, real_image_data(cfg.data), cfg.eval.classifier_epochs)
+    shares = sample_accuracy(model, classifier, cfg.eval.samples_per_class)
+    metrics["test/sample_acc"] = float(shares.mean())
+    for logger in loggers:
+        logger.log_metrics({"test/sample_acc": metrics["test/sample_acc"]}, step=0)
+    return {"sample_acc_per_class": shares.tolist(), "classifier": {"path": str(path), "test_acc_on_real_images": real_accuracy}}
 
 
 def write_report(cfg: DictConfig, model, metrics: dict[str, float], report: dict) -> None:
@@ -87,7 +104,7 @@ def write_report(cfg: DictConfig, model, metrics: dict[str, float], report: dict
     binarized = getattr(cfg.data, "binarize", False)
     result = {
         "checkpoint": str(Path(cfg.ckpt_path).resolve()),
-        "model": type(model).__name__,
+        "model": model_name(model),
         "likelihood": repr(model.likelihood),
         "data": cfg.data._target_.rsplit(".", 1)[-1],
         "test_inputs": f"binarized once with seed data.split_seed={cfg.data.split_seed}" if binarized else "8-bit pixels",

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
+from vaelab.data import ImageDataModule
+from vaelab.lit import LitModel
 from vaelab.utils import (
     CONFIG_DIR,
     apply_extras,
@@ -46,12 +48,32 @@ def resume_path(cfg: DictConfig) -> str | None:
     return None
 
 
+def build(cfg: DictConfig, datamodule: ImageDataModule, **options) -> LitModel:
+    """The model of ``cfg.model`` inside the LightningModule of ``cfg.lit``, told the facts of
+    the data it will see (binary pixels, the labeled share); ``options`` go to ``LitModel``."""
+    model = hydra.utils.instantiate(cfg.model)
+    facts = {"binary": datamodule.binary, "labeled": datamodule.labeled}
+    if datamodule.labeled is not None:
+        facts["train_size"] = datamodule.train_size
+    # built from a partial, so that a wrong setting raises its own message, not Hydra's wrapper
+    return hydra.utils.instantiate(cfg.lit, _partial_=True)(model=model, **facts, **options)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model, then test the best checkpoint; return every logged metric."""
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
-    datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
-    model: pl.LightningModule = hydra.utils.instantiate(cfg.model)
+    if cfg.trainer.get("gradient_clip_val") or cfg.trainer.get("accumulate_grad_batches", 1) != 1:
+        raise ValueError(
+            "vaelab steps the optimizer itself: set lit.gradient_clip_val and lit.accumulate_grad_batches "
+            "instead of trainer.gradient_clip_val and trainer.accumulate_grad_batches."
+        )
+    datamodule: ImageDataModule = hydra.utils.instantiate(cfg.data)
+    model = build(cfg, datamodule)
+    with open_dict(cfg):  # what the model resolved, so the saved and logged config show it
+        cfg.optimized_metric = cfg.get("optimized_metric") or f"val/{model.bound_name}"
+        cfg.lit.alpha = model.alpha
+    apply_extras(cfg)
     ckpt_path = resume_path(cfg)
     if ckpt_path:
         check_checkpoint(ckpt_path, model)
@@ -92,9 +114,8 @@ def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    apply_extras(cfg)
     metrics = train(cfg)
-    return metric_value(metrics, cfg.get("optimized_metric"))
+    return metric_value(metrics, cfg.optimized_metric) if cfg.get("train") else None
 
 
 if __name__ == "__main__":

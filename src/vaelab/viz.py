@@ -1,13 +1,15 @@
 """Pictures: pure functions from tensors to images (grids and plots, as (3, H, W) floats in
-[0, 1]), and ``model_figures``, which draws them for a model through the shared interface
-(``encode``, ``decode``, ``sample``, ``reconstruct``); used by the image callback and evaluate.py."""
+[0, 1]); ``vaelab.report`` draws them for a model. Plots use matplotlib's ``Figure`` directly (no
+pyplot state, no display backend)."""
 
 from __future__ import annotations
 
 import io
 
+import matplotlib
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 from torch.distributions import Normal
 from torchvision.utils import make_grid
@@ -59,21 +61,10 @@ def project_2d(z: torch.Tensor) -> tuple[torch.Tensor, str]:
     return centred @ v[:2].T, f"{z.shape[1]}-d z, first 2 principal components ({explained:.0%} of variance)"
 
 
-def _pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _render(figure) -> torch.Tensor:
-    plt = _pyplot()
+def _render(figure: Figure) -> torch.Tensor:
+    """A matplotlib figure as a (3, H, W) image in [0, 1]."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
     buffer.seek(0)
     pixels = np.asarray(Image.open(buffer).convert("RGB"))
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div(255)
@@ -82,11 +73,11 @@ def _render(figure) -> torch.Tensor:
 def latent_scatter(z: torch.Tensor, labels: torch.Tensor, num_classes: int, size: float = 6.0) -> torch.Tensor:
     """Scatter of latent codes (N, d) coloured by class, with a legend; codes with d > 2 are
     projected on their first two principal components."""
-    plt = _pyplot()
     points, axes_label = project_2d(z)
     labels = labels.cpu()
-    figure, ax = plt.subplots(figsize=(size, size))
-    colours = plt.get_cmap("tab10" if num_classes <= 10 else "tab20")
+    figure = Figure(figsize=(size, size))
+    ax = figure.subplots()
+    colours = matplotlib.colormaps["tab10" if num_classes <= 10 else "tab20"]
     for c in range(num_classes):
         chosen = points[labels == c]
         ax.scatter(chosen[:, 0], chosen[:, 1], s=4, alpha=0.6, color=colours(c % colours.N), label=str(c))
@@ -100,10 +91,10 @@ def latent_scatter(z: torch.Tensor, labels: torch.Tensor, num_classes: int, size
 
 def confusion_plot(matrix: torch.Tensor, size: float = 5.0) -> torch.Tensor:
     """A confusion matrix (true class x predicted class, counts) as a heat map with its counts."""
-    plt = _pyplot()
     matrix = matrix.detach().cpu()
     k = matrix.shape[0]
-    figure, ax = plt.subplots(figsize=(size, size))
+    figure = Figure(figsize=(size, size))
+    ax = figure.subplots()
     ax.imshow(matrix, cmap="Blues")
     for i in range(k):
         for j in range(k):
@@ -116,46 +107,3 @@ def confusion_plot(matrix: torch.Tensor, size: float = 5.0) -> torch.Tensor:
     ax.set_ylabel("true class")
     figure.tight_layout()
     return _render(figure)
-
-
-@torch.no_grad()
-def model_figures(
-    model, x: torch.Tensor, y: torch.Tensor, n_samples: int = 64, n_styles: int = 8, manifold: int = 20,
-) -> dict[str, torch.Tensor]:
-    """The figures of a model for test images ``x`` with labels ``y`` (on the model's device):
-
-    - ``reconstructions``: originals beside their reconstructions;
-    - ``samples`` (unconditional models): draws from the prior;
-    - ``classes`` (models with ``num_classes``): one row per class, one column per z ~ p(z);
-    - ``styles``: one row per z, one column per class;
-    - ``analogies``: the first ``n_styles`` test images, then their z decoded with every class;
-    - ``manifold`` (unconditional models with z_dim = 2): decoded means over a grid of z quantiles.
-    """
-    figures = {"reconstructions": reconstruction_grid(x, model.reconstruct(x, y))}
-    classes = getattr(model, "num_classes", None)
-    device = x.device
-    if classes is None:
-        figures["samples"] = image_grid(model.sample(n_samples), nrow=max(1, int(n_samples**0.5)))
-        if model.z_dim == 2:
-            means = model.decode(normal_quantile_grid(manifold).to(device)).mean
-            figures["manifold"] = image_grid(means, nrow=manifold)
-        return figures
-    z = torch.randn(n_styles, model.z_dim, device=device).repeat(classes, 1)
-    labels = torch.arange(classes, device=device).repeat_interleave(n_styles)
-    table = model.decode(z, labels).mean.view(classes, n_styles, *x.shape[1:])
-    figures["classes"] = table_grid(table)
-    figures["styles"] = table_grid(table.transpose(0, 1))
-    originals, known = x[:n_styles], y[:n_styles]
-    style = model.encode(originals, known).mean  # z of each image, given its class
-    every = torch.arange(classes, device=device)
-    decoded = model.decode(style.unsqueeze(1).expand(-1, classes, -1), every.expand(len(style), -1)).mean
-    figures["analogies"] = analogy_grid(originals, decoded)
-    return figures
-
-
-@torch.no_grad()
-def latent_codes(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Posterior means E[q(z|x)] (E[q(z|x,y)] with the true class for conditional models)."""
-    if getattr(model, "num_classes", None) is None:
-        return model.encode(x).mean
-    return model.encode(x, y).mean

@@ -5,15 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
-from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
-from torchvision.utils import save_image
 
-from vaelab.viz import model_figures
+from vaelab.report import model_figures, save_figures
 
 
 class ImageLogger(pl.Callback):
-    """Every ``every_n_epochs`` validation epochs, write the figures of ``vaelab.viz.model_figures``
+    """Every ``every_n_epochs`` validation epochs, write the figures of ``vaelab.report.model_figures``
     (reconstructions of the first ``n_reconstructions`` test images; prior samples, or class,
     style and analogy grids for conditional models; the latent manifold when z_dim = 2) as
     ``<out_dir>/<name>_epochNNN.png`` and log them as ``images/<name>`` to every logger that
@@ -39,18 +36,6 @@ class ImageLogger(pl.Callback):
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         x, y = trainer.datamodule.example_batch(self.n_reconstructions, split="test")
-        figures = model_figures(pl_module, x.to(pl_module.device), y.to(pl_module.device), self.n_samples, self.n_styles)
+        figures = model_figures(pl_module.model, x.to(pl_module.device), y.to(pl_module.device), self.n_samples, self.n_styles)
         save_figures(figures, self.out_dir, trainer.loggers, trainer.global_step, suffix=f"_epoch{trainer.current_epoch:03d}")
 
-
-def save_figures(figures: dict[str, torch.Tensor], out_dir: Path, loggers, step: int, suffix: str = "") -> None:
-    """Write each figure as ``<out_dir>/<name><suffix>.png`` and log it as ``images/<name>`` to
-    the W&B and TensorBoard loggers among ``loggers``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, image in figures.items():
-        save_image(image, out_dir / f"{name}{suffix}.png")
-        for logger in loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key=f"images/{name}", images=[image], step=step)
-            elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image(f"images/{name}", image, step)

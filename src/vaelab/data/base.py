@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import CombinedLoader
+from pytorch_lightning.utilities import CombinedLoader, rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from vaelab.data.split import balanced_split, parse_labeled
@@ -166,6 +166,12 @@ class ImageDataModule(pl.LightningDataModule):
             for dataset in self._datasets():
                 dataset.to(self.trainer.strategy.root_device)
 
+    @property
+    def train_size(self) -> int:
+        """N, the number of training examples (labeled and unlabeled), loading the data if needed."""
+        self.setup()
+        return len(self.train_set)
+
     def _datasets(self) -> list[TensorBatches]:
         """The splits the loaders read (with labels split off, their two parts replace the training set)."""
         parts = ("labeled_set", "unlabeled_set") if self.labeled is not None else ("train_set",)
@@ -184,7 +190,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.train_set = TensorBatches(images[train], labels[train])
         if self.labeled is not None:
             lab, unlab = balanced_split(self.train_set.labels, self.labeled, self.num_classes, self.split_seed)
-            rank = self.trainer.global_rank if self.trainer is not None else 0
+            # before the trainer exists (train.py reads N from the data), the launcher's environment tells the rank
+            rank = self.trainer.global_rank if self.trainer is not None else rank_zero_only.rank
             fingerprint = hashlib.sha1(lab.numpy().tobytes()).hexdigest()[:12]
             log.info("Rank %d: %d labeled examples (data.split_seed=%d), indices %s", rank, len(lab), self.split_seed, fingerprint)
             self.labeled_set = TensorBatches(*self.train_set.__getitems__(lab))

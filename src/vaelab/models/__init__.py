@@ -1,8 +1,7 @@
-"""LightningModules, one per model, sharing the interface of ``LatentVariableModel``."""
+"""Probabilistic models as plain ``nn.Module``s sharing ``LatentModel``'s interface; one file each."""
 
-from vaelab.models.base import LatentVariableModel
-from vaelab.models.cvae import CVAE
-from vaelab.models.ssvae import SSVAE
+from vaelab.models.base import LatentModel, Terms
+from vaelab.models.m2 import M2
 from vaelab.models.vae import VAE
 
-__all__ = ["CVAE", "LatentVariableModel", "SSVAE", "VAE"]
+__all__ = ["LatentModel", "M2", "Terms", "VAE"]

@@ -4,6 +4,7 @@ config of the run that wrote it."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -16,9 +17,44 @@ log = logging.getLogger(__name__)
 SECTION_GROUPS = {"model": {"model", "net", "likelihood", "experiment"}, "data": {"data", "experiment"}}
 
 
+# models of checkpoints written before vaelab.lit.LitModel held the model: (class, config choice)
+LEGACY_MODELS = {"vaelab.models.VAE": ("vaelab.models.VAE", False), "vaelab.models.CVAE": ("vaelab.models.VAE", True),
+                 "vaelab.models.SSVAE": ("vaelab.models.M2", True)}
+
+
+def upgrade_state_dict(saved: dict, expected: Iterable[str]) -> dict:
+    """A state dict written when the LightningModule was the model itself (keys ``encoder...``,
+    ``classifier...``) with the keys of today's ``LitModel`` (``model.encoder...``, and for M2
+    ``model.vae.encoder...``, ``model.classifier...``); other state dicts are returned as they are."""
+    if any(key.startswith("model.") for key in saved):
+        return saved
+    expected = set(expected)
+    renamed = {}
+    for key, value in saved.items():
+        candidates = [name for name in (f"model.{key}", f"model.vae.{key}") if name in expected]
+        renamed[candidates[0] if candidates else key] = value
+    return renamed
+
+
+def upgrade_run_config(saved: DictConfig) -> DictConfig:
+    """A run config written before the training settings moved from ``model`` to ``lit``: the
+    model section rewritten for today's classes (the old optimizer, alpha and compile settings,
+    which evaluation does not use, are dropped)."""
+    model = saved.get("model")
+    if model is None or model.get("_target_") not in LEGACY_MODELS or "optimizer" not in model:
+        return saved
+    target, conditional = LEGACY_MODELS[model._target_]
+    keep = {key: model[key] for key in ("input_shape", "z_dim", "net", "likelihood") if key in model}
+    saved.model = OmegaConf.create({"_target_": target, "_convert_": "all", **keep,
+                                    "num_classes": model.num_classes if conditional else None})
+    log.info("Converted the run config's model section from %s to %s.", model._target_, target)
+    return saved
+
+
 def check_checkpoint(path: str, model: pl.LightningModule) -> None:
     """Raise one clear error when ``path`` is missing, unreadable, or holds weights of another
-    model than ``model`` (another ``model=`` choice or other layer sizes)."""
+    model than ``model`` (another ``model=`` choice or other layer sizes); checkpoints written
+    before the model moved inside ``LitModel`` are read with their keys renamed."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"ckpt_path={path} does not exist.")
     try:
@@ -27,6 +63,7 @@ def check_checkpoint(path: str, model: pl.LightningModule) -> None:
     except Exception as error:
         raise ValueError(f"ckpt_path={path} is not a readable Lightning checkpoint ({type(error).__name__}: {error}).") from None
     expected = model.state_dict()
+    saved = upgrade_state_dict(saved, expected)
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
     resized = sorted(k for k in set(saved) & set(expected) if saved[k].shape != expected[k].shape)
@@ -37,7 +74,7 @@ def check_checkpoint(path: str, model: pl.LightningModule) -> None:
             if keys
         )
         raise ValueError(
-            f"ckpt_path={path} does not fit model {type(model).__name__} ({details}). Use the model "
+            f"ckpt_path={path} does not fit model={model.hparams.get('model')} ({details}). Use the model "
             "and sizes it was trained with, e.g. the run's config.yaml: model=... model.z_dim=..."
         )
 
@@ -53,7 +90,7 @@ def restore_run_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     if checkpoint.parent.name != "checkpoints" or not saved_path.is_file():
         log.warning("No run config found for %s; evaluating the configured model and data.", checkpoint)
         return cfg
-    saved = OmegaConf.load(saved_path)
+    saved = upgrade_run_config(OmegaConf.load(saved_path))
     keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
     restored = cfg.copy()
     for section, groups in SECTION_GROUPS.items():

@@ -1,0 +1,129 @@
+"""The one LightningModule: manual stepping with clipping and accumulation, the finiteness guard
+without a per-step read on accelerators, the model interface's boundaries, old checkpoints."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, TensorDataset
+
+from vaelab.lit import LitModel
+from vaelab.models import M2, VAE
+from vaelab.train import train
+from vaelab.utils import restore_run_config
+from vaelab.utils.checkpoint import upgrade_state_dict
+from conftest import compose_config
+
+MODELS_DIR = Path(__file__).resolve().parents[1] / "src" / "vaelab" / "models"
+NET = {"type": "mlp", "hidden": [16]}
+
+
+def test_models_know_nothing_of_lightning_or_data_modules():
+    for path in MODELS_DIR.glob("*.py"):
+        imports = [line for line in path.read_text().splitlines() if line.startswith(("import ", "from "))]
+        assert not [line for line in imports if "lightning" in line or "vaelab.data" in line or "vaelab.lit" in line], path.name
+        assert "datamodule" not in path.read_text(), path.name
+
+
+def batches(n: int, size: int = 8) -> DataLoader:
+    torch.manual_seed(0)
+    x = torch.bernoulli(torch.full((n * size, 1, 6, 6), 0.3))
+    return DataLoader(TensorDataset(x, torch.zeros(n * size, dtype=torch.long)), batch_size=size)
+
+
+def fit(module: LitModel, n_batches: int, **trainer_options) -> pl.Trainer:
+    trainer = pl.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", **trainer_options,
+    )
+    trainer.fit(module, train_dataloaders=batches(n_batches))
+    return trainer
+
+
+def test_gradients_are_clipped_to_the_configured_total_norm():
+    torch.manual_seed(0)
+    sgd = lambda params: torch.optim.SGD(params, lr=1.0)  # noqa: E731  (the update is the clipped gradient)
+    module = LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=sgd, gradient_clip_val=1e-3)
+    before = torch.cat([p.detach().flatten().clone() for p in module.parameters()])
+    fit(module, 1)
+    after = torch.cat([p.detach().flatten() for p in module.parameters()])
+    assert (after - before).norm() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_gradients_accumulate_over_the_configured_number_of_batches():
+    module = LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=lambda p: torch.optim.Adam(p), accumulate_grad_batches=2)
+    assert fit(module, 6).global_step == 3
+    module = LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=lambda p: torch.optim.Adam(p), accumulate_grad_batches=4)
+    assert fit(module, 6).global_step == 2  # the last, partial group steps too
+
+
+def test_trainer_level_clipping_is_refused_with_the_option_to_use(quick_overrides):
+    with pytest.raises(ValueError, match="set lit.gradient_clip_val and lit.accumulate_grad_batches instead"):
+        train(compose_config("train", [*quick_overrides, "debug=fdr", "+trainer.gradient_clip_val=1.0"]))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"iwae_k": -1}, "eval.iwae_k must be a non-negative integer, got -1"),
+    ({"gradient_clip_val": 0}, "lit.gradient_clip_val must be positive or null"),
+    ({"accumulate_grad_batches": 0}, "lit.accumulate_grad_batches must be a positive integer"),
+    ({"alpha": -1.0}, "lit.alpha must be >= 0"),
+])
+def test_impossible_settings_fail_clearly(options, message):
+    with pytest.raises(ValueError, match=message):
+        LitModel(VAE((1, 6, 6), z_dim=2, net=NET), **options)
+
+
+def test_on_an_accelerator_a_bad_step_is_skipped_and_the_run_stops_when_it_next_logs(monkeypatch):
+    """Where reading the loss would wait for the device, the guard records the first bad step on
+    the device, skips that step's update and stops at the next step that logs."""
+    monkeypatch.setattr(LitModel, "reads_loss_every_step", lambda self, loss: False)
+    bound, calls = VAE.bound, {"n": 0}
+
+    def failing_bound(self, x, y=None):
+        terms = bound(self, x, y)
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 2
+            terms.elbo = terms.elbo * math.nan
+        return terms
+
+    monkeypatch.setattr(VAE, "bound", failing_bound)
+    module = LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    with pytest.raises(FloatingPointError, match=r"Non-finite loss at step 2 \(epoch 0\)"):
+        fit(module, 10, log_every_n_steps=5)
+    assert calls["n"] == 5  # it stopped at step 4, the first that logs
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def legacy(state_dict: dict) -> dict:
+    """A state dict as it was written when the LightningModule was the model itself."""
+    return {key.removeprefix("model.").removeprefix("vae."): value for key, value in state_dict.items()}
+
+
+def test_checkpoints_and_run_configs_written_before_the_model_interface_load(quick_overrides, tmp_path):
+    torch.manual_seed(0)
+    module = LitModel(M2((1, 28, 28), num_classes=10, z_dim=4, net=NET))
+    old = legacy(module.state_dict())
+    assert "encoder.head.input.weight" in old and "classifier.head.0.weight" in old
+    fresh = LitModel(M2((1, 28, 28), num_classes=10, z_dim=4, net=NET))
+    checkpoint = {"state_dict": old}
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"])
+    torch.testing.assert_close(fresh.state_dict(), module.state_dict())
+    assert upgrade_state_dict(module.state_dict(), module.state_dict()) is not None
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    saved = compose_config("train", [*quick_overrides, "model=ssvae", "model.z_dim=4"])
+    saved.model = OmegaConf.create({
+        "_target_": "vaelab.models.SSVAE", "input_shape": [1, 28, 28], "num_classes": 10, "z_dim": 4,
+        "net": {"type": "mlp", "hidden": [16]}, "likelihood": {"type": "bernoulli"}, "alpha": None,
+        "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 3e-4}, "compile": False,
+    })
+    OmegaConf.save(saved, run / ".hydra" / "config.yaml")
+    cfg = restore_run_config(compose_config("evaluate", [*quick_overrides, f"ckpt_path={run}/checkpoints/last.ckpt"]), [])
+    assert cfg.model._target_ == "vaelab.models.M2" and cfg.model.z_dim == 4 and "optimizer" not in cfg.model
