@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
+import hydra
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.distributions import Normal
 
 from vaelab.data import MNISTDataModule
+from vaelab.nets import ConvFeatures
 from vaelab.data.split import balanced_split, parse_labeled
 from vaelab.elbo import unlabeled_bound
 from vaelab.lit import LitModel
@@ -156,11 +160,15 @@ def test_cvae_samples_the_requested_class_in_each_row():
     assert figures["classes"].shape[1:] == (4 * 8 + 2, 3 * 8 + 2)  # 4 class rows of 3 samples
 
 
-@pytest.mark.parametrize("model, extra", [("cvae", []), ("ssvae", ["data.labeled=100"])])
+@pytest.mark.parametrize("model, extra", [("cvae", []), ("ssvae", ["data.labeled=100", "lit.alpha=null"])])
 def test_fast_dev_run(model, extra, quick_overrides):
-    metrics = train(compose_config("train", [*quick_overrides, f"model={model}", *extra, "debug=fdr"]))
+    cfg = compose_config("train", [*quick_overrides, f"model={model}", *extra, "debug=fdr"])
+    metrics = train(cfg)
+    assert "time/minutes" in metrics
     if model == "ssvae":
         assert {"train/elbo", "train/elbo_labeled", "train/ce", "train/entropy", "val/elbo", "val/acc", "test/acc"} <= set(metrics)
+        assert {"val/kl_y", "val/mi", "test/kl_y", "test/mi"} <= set(metrics)
+        assert cfg.lit.alpha == pytest.approx(0.1 * 50_000 / 100)  # resolved, as config.yaml and the loggers show it
     else:
         assert {"train/elbo_given_y", "val/elbo_given_y"} <= set(metrics) and "val/elbo" not in metrics
 
@@ -175,12 +183,70 @@ def test_cvae_on_a_partly_labeled_split_fails_clearly(quick_overrides):
         train(compose_config("train", [*quick_overrides, "model=cvae", "data.labeled=100", "debug=fdr"]))
 
 
-def test_short_ssvae_run_with_100_labels_beats_chance(quick_overrides):
+def test_short_run_of_the_default_m2_learns_from_100_labels(quick_overrides):
+    """One epoch of 150 steps of model=ssvae as it is by default (one epoch: the tested checkpoint
+    is the final one). Measured on the 2-core development machine: 72.1 % validation and 70.8 % test
+    accuracy (seed 42, 2000 images each); the threshold of 60 % leaves room for other seeds and
+    platforms, and chance is 10 %."""
     overrides = [
         *quick_overrides, "model=ssvae", "data.labeled=100", "trainer.max_epochs=1",
-        "trainer.limit_train_batches=120", "trainer.limit_val_batches=4", "trainer.limit_test_batches=4",
-        "lit.optimizer.lr=1e-3",
+        "trainer.limit_train_batches=150", "trainer.limit_val_batches=4", "trainer.limit_test_batches=4",
     ]
     metrics = train(compose_config("train", overrides))
-    assert metrics["val/acc"] > 0.5, metrics
-    assert metrics["test/acc"] > 0.5, metrics
+    assert metrics["val/acc"] > 0.6, metrics
+    assert metrics["test/acc"] > 0.6, metrics
+
+
+def test_unlabeled_weight_zero_is_the_supervised_baseline(monkeypatch):
+    """lit.unlabeled_weight=0 trains the same classifier on the labels alone: U(x) is not computed
+    and the classifier's gradient is the labeled cross-entropy's."""
+    model = tiny_m2()
+    x_lab, y_lab = torch.bernoulli(torch.full((4, 1, 6, 6), 0.4)), torch.tensor([0, 1, 2, 3])
+    batch = {"labeled": (x_lab, y_lab), "unlabeled": (torch.bernoulli(torch.full((6, 1, 6, 6), 0.4)), torch.full((6,), -1))}
+    baseline = LitModel(model, alpha=2.0, unlabeled_weight=0.0)
+    calls = []
+    bound = M2.bound
+    monkeypatch.setattr(M2, "bound", lambda self, x, y=None, qy_logits=None: calls.append(y is None) or bound(self, x, y, qy_logits))
+    loss, metrics = baseline.objective(batch)
+    assert calls == [False] and "elbo" not in metrics  # only the labeled bound
+    loss.backward()
+    grads = [p.grad.clone() for p in model.classifier.parameters()]
+    model.zero_grad()
+    (2.0 * F.cross_entropy(model.classify(x_lab), y_lab)).backward()
+    for grad, expected in zip(grads, [p.grad for p in model.classifier.parameters()]):
+        torch.testing.assert_close(grad, expected)
+    half = LitModel(model, alpha=2.0, unlabeled_weight=0.5)
+    full = LitModel(model, alpha=2.0)
+    torch.manual_seed(0)
+    _, parts = full.objective(batch)
+    torch.manual_seed(0)
+    loss_half, _ = half.objective(batch)
+    torch.testing.assert_close(loss_half, -(parts["elbo_labeled"] - 2.0 * parts["ce"] + 0.5 * parts["elbo"]))
+
+
+def test_class_information_of_q_y():
+    from vaelab.lit import class_information
+
+    certain = torch.eye(4).repeat(5, 1) * 50  # confident, every class equally often
+    info = class_information(certain)
+    torch.testing.assert_close(info["kl_y"], torch.full((20,), math.log(4)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(info["mi"], torch.full((20,), math.log(4)), atol=1e-4, rtol=0)
+    same = class_information(torch.tensor([[5.0, 0, 0, 0]]).repeat(20, 1))  # one answer whatever the image
+    assert same["mi"].abs().max() < 1e-5 and (same["kl_y"] > 1).all()
+    uniform = class_information(torch.zeros(7, 4))
+    torch.testing.assert_close(uniform["kl_y"], torch.zeros(7), atol=1e-6, rtol=0)
+
+
+def test_m2_recipe_composes_and_the_papers_setting_is_one_override_away(quick_overrides):
+    cfg = compose_config("train", [*quick_overrides, "model=ssvae"])
+    assert cfg.model.net.hidden == [500] and cfg.model.classifier_net.type == "conv"
+    assert (cfg.lit.alpha, cfg.lit.optimizer.lr, cfg.lit.gradient_clip_val) == (10.0, 1e-3, 5.0)
+    model = hydra.utils.instantiate(cfg.model)
+    assert isinstance(model.classifier.features, ConvFeatures) and len(model.vae.encoder.head.body[1]) == 1  # 500 -> out
+    assert compose_config("train", [*quick_overrides, "model=ssvae", "net=mlp"]).model.net.hidden == [500, 500]
+    paper = compose_config("train", [*quick_overrides, "experiment=m2_mnist_100"])
+    assert (paper.model.net.hidden, paper.model.net.activation, paper.model.classifier_net) == ([500], "softplus", None)
+    assert (paper.lit.alpha, paper.lit.optimizer.lr, paper.lit.gradient_clip_val) == (None, 3e-4, None)
+    built = hydra.utils.instantiate(paper.model)
+    assert not isinstance(built.classifier.features, ConvFeatures)  # q(y|x) is the same MLP as the other networks
+    assert compose_config("train", [*quick_overrides, "model=vae"]).model.net.hidden == [500, 500]

@@ -34,8 +34,10 @@ class LitModel(pl.LightningModule):
       classifier (M2), Kingma et al. 2014, eq. 9, from one batch of each part:
           w_lab mean_lab [L(x,y) - alpha CE(q(y|x), y)] + w_unlab mean_unlab U(x)
       with ``weighting="batch"`` w_lab = w_unlab = 1, or ``weighting="data"`` the parts'
-      shares of the training set (the paper's sum per example). ``alpha=None`` takes the paper's
-      alpha = 0.1 * N / N_lab, resolved from the data facts below.
+      shares of the training set (the paper's sum per example), w_unlab further multiplied by
+      ``unlabeled_weight`` (0: the supervised baseline, the same classifier trained on the labels
+      alone; U(x) is then not computed). ``alpha=None`` takes the paper's alpha = 0.1 * N / N_lab,
+      resolved from the data facts below.
 
     Facts about the data come from whoever builds the module (train.py), never from a datamodule:
     ``binary`` (pixels are {0, 1}), ``labeled`` (N_lab, or None when every label is used) and
@@ -52,6 +54,7 @@ class LitModel(pl.LightningModule):
         optimizer: Optimizer | None = None,
         alpha: float | None = None,
         weighting: str = "batch",
+        unlabeled_weight: float = 1.0,
         gradient_clip_val: float | None = None,
         accumulate_grad_batches: int = 1,
         compile: bool = False,
@@ -66,6 +69,8 @@ class LitModel(pl.LightningModule):
             raise ValueError(f"lit.alpha must be >= 0 (or null for the paper's scaling), got {alpha}.")
         if weighting not in ("batch", "data"):
             raise ValueError(f"lit.weighting={weighting!r} must be 'batch' or 'data'.")
+        if not unlabeled_weight >= 0:
+            raise ValueError(f"lit.unlabeled_weight must be >= 0, got {unlabeled_weight}.")
         if gradient_clip_val is not None and not gradient_clip_val > 0:
             raise ValueError(f"lit.gradient_clip_val must be positive or null, got {gradient_clip_val}.")
         if not (isinstance(accumulate_grad_batches, int) and accumulate_grad_batches >= 1):
@@ -79,14 +84,15 @@ class LitModel(pl.LightningModule):
         self.labeled_share = labeled / train_size if labeled is not None and train_size else None
         if alpha is None and self.labeled_share is not None:
             alpha = 0.1 / self.labeled_share
-        self.alpha, self.weighting = alpha, weighting
+        self.alpha, self.weighting, self.unlabeled_weight = alpha, weighting, unlabeled_weight
         self.gradient_clip_val, self.accumulate_grad_batches = gradient_clip_val, accumulate_grad_batches
         self.compile_objective = compile
         self.iwae_k, self.iwae_rows = iwae_k, iwae_rows
         self.automatic_optimization = False
         # resolved values (alpha) are saved, so checkpoints and loggers show what trained
         self.save_hyperparameters(
-            {"model": model_name(model), "alpha": alpha, "weighting": weighting, "gradient_clip_val": gradient_clip_val,
+            {"model": model_name(model), "alpha": alpha, "weighting": weighting, "unlabeled_weight": unlabeled_weight,
+             "gradient_clip_val": gradient_clip_val,
              "accumulate_grad_batches": accumulate_grad_batches, "labeled": labeled, "train_size": train_size}
         )
         if model.has_classifier:
@@ -142,12 +148,16 @@ class LitModel(pl.LightningModule):
     def semi_supervised_objective(self, labeled, unlabeled) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Kingma et al. 2014, eq. 9, with each part averaged over its batch (see the class)."""
         (x_lab, y_lab), (x_unlab, _) = labeled, unlabeled
-        logits = self.model.classify(torch.cat([x_lab, x_unlab]))
         lab = self.model.bound(x_lab, y_lab)
+        w_lab, w_unlab = (self.labeled_share, 1 - self.labeled_share) if self.weighting == "data" else (1, 1)
+        if not self.unlabeled_weight:  # the supervised baseline
+            ce = F.cross_entropy(self.model.classify(x_lab), y_lab)
+            loss = -w_lab * (lab.elbo.mean() - self.alpha * ce)
+            return loss, {"loss": loss, "elbo_labeled": lab.elbo.mean(), "ce": ce}
+        logits = self.model.classify(torch.cat([x_lab, x_unlab]))
         unlab = self.model.bound(x_unlab, qy_logits=logits[len(x_lab):])
         ce = F.cross_entropy(logits[: len(x_lab)], y_lab)
-        w_lab, w_unlab = (self.labeled_share, 1 - self.labeled_share) if self.weighting == "data" else (1, 1)
-        loss = -(w_lab * (lab.elbo.mean() - self.alpha * ce) + w_unlab * unlab.elbo.mean())
+        loss = -(w_lab * (lab.elbo.mean() - self.alpha * ce) + self.unlabeled_weight * w_unlab * unlab.elbo.mean())
         metrics = {
             "loss": loss,
             "elbo": unlab.elbo.mean(),  # U(x) on the unlabeled batch
@@ -238,6 +248,7 @@ class LitModel(pl.LightningModule):
         logits = self.model.classify(x)
         terms = self.model.bound(x, qy_logits=logits).as_dict()
         terms["ce"] = F.cross_entropy(logits, y, reduction="none")
+        terms.update(class_information(logits))
         return terms, logits
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -290,6 +301,19 @@ class LitModel(pl.LightningModule):
             sync_dist=True,
             batch_size=len(next(iter(terms.values()))),
         )
+
+
+def class_information(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How much q(y|x) says about the class, per example: ``kl_y`` = KL(q(y|x) || p(y)) =
+    log K - H(q(y|x)) for the uniform p(y) (the y part of the KL, beside z's ``kl``), and ``mi``,
+    the mutual information I(x; y) = H(E_x q(y|x)) - E_x H(q(y|x)) under q, estimated on the
+    batch (the same value for each of its examples). mi near 0: the classifier's answers do not
+    depend on the image; near log K: confident and spread evenly over the classes."""
+    log_q = logits.log_softmax(-1)
+    entropy = -(log_q.exp() * log_q).sum(-1)
+    marginal = log_q.exp().mean(0)
+    mi = -(marginal * marginal.clamp_min(1e-12).log()).sum() - entropy.mean()
+    return {"kl_y": math.log(logits.shape[-1]) - entropy, "mi": mi.expand(len(logits))}
 
 
 def check_likelihood(model: LatentModel, binary: bool | None) -> None:

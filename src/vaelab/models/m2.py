@@ -22,7 +22,8 @@ from vaelab.nets import Encoder
 
 class M2(LatentModel):
     """``bound(x, y)`` is the labeled bound L(x,y), ``bound(x)`` the unlabeled one U(x) (eq. 7
-    of the paper); ``classify(x)`` gives the logits of q(y|x)."""
+    of the paper); ``classify(x)`` gives the logits of q(y|x). ``net`` builds q(z|x,y) and
+    p(x|y,z), ``classifier_net`` q(y|x) (default: ``net``)."""
 
     has_classifier = True
 
@@ -33,6 +34,7 @@ class M2(LatentModel):
         z_dim: int = 50,
         net: Mapping | None = None,
         likelihood: str | Mapping | None = None,
+        classifier_net: Mapping | None = None,
     ) -> None:
         super().__init__()
         self.vae = VAE(input_shape, z_dim, num_classes, net, likelihood)
@@ -40,7 +42,7 @@ class M2(LatentModel):
         self.likelihood = self.vae.likelihood
         self.rows_per_sample = num_classes  # log_weights decodes every class
         self.log_py = -math.log(num_classes)  # p(y) = Cat(uniform)
-        self.classifier = Encoder(net, self.input_shape, num_classes)
+        self.classifier = Encoder(classifier_net or net, self.input_shape, num_classes)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of q(y|x)."""
