@@ -68,8 +68,7 @@ def iwae_cost(module: LitModel, k: int, datamodule: ImageDataModule) -> str:
     """What the importance-weighted bound will cost: decoder rows and forward passes over the test set."""
     datamodule.setup("test")
     images, batch, per_image = len(datamodule.test_set), datamodule.eval_batch_size, module.model.rows_per_sample
-    per_pass = max(1, module.iwae_rows // (min(batch, images) * per_image))
-    passes = -(-k // per_pass) * -(-images // batch)
+    passes = len(module.iwae_passes(min(batch, images), k)) * -(-images // batch)
     return f"{k * images * per_image:.3g} decoder rows (k x {images} test images x {per_image}) in {passes} passes"
 
 

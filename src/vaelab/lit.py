@@ -282,9 +282,12 @@ class LitModel(pl.LightningModule):
     def iwae(self, x: torch.Tensor, y: torch.Tensor | None, k: int) -> torch.Tensor:
         """The k-sample importance-weighted bound per example, in passes of at most
         ``iwae_rows`` decoder rows."""
-        per_pass = max(1, self.iwae_rows // (len(x) * self.model.rows_per_sample))
-        sizes = [min(per_pass, k - start) for start in range(0, k, per_pass)]
-        return iwae_bound(torch.cat([self.model.log_weights(x, y, n) for n in sizes]))
+        return iwae_bound(torch.cat([self.model.log_weights(x, y, n) for n in self.iwae_passes(len(x), k)]))
+
+    def iwae_passes(self, batch_size: int, k: int) -> list[int]:
+        """Importance samples per pass for a batch: at most ``iwae_rows`` decoder rows each."""
+        per_pass = max(1, self.iwae_rows // (batch_size * self.model.rows_per_sample))
+        return [min(per_pass, k - start) for start in range(0, k, per_pass)]
 
     def log_terms(self, terms: dict[str, torch.Tensor], stage: str) -> None:
         """Log the mean of every per-example term under ``<stage>/``, averaged over the epoch;
