@@ -62,6 +62,42 @@ def test_gradients_accumulate_over_the_configured_number_of_batches():
     assert fit(module, 6).global_step == 2  # the last, partial group steps too
 
 
+class LearningRates(pl.Callback):
+    """The learning rate and share of the budget spent at every optimizer step."""
+
+    def __init__(self) -> None:
+        self.lrs, self.spent = [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+        self.spent.append(pl_module.budget_spent())
+
+
+def test_the_cosine_schedule_starts_at_the_configured_lr_and_anneals_to_zero_over_the_steps():
+    sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+    seen = LearningRates()
+    fit(LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=sgd, lr_schedule="cosine"), 8, callbacks=[seen])
+    assert seen.lrs == pytest.approx([0.1 * 0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)])
+    assert seen.lrs[0] == 0.1 and seen.lrs[4] == pytest.approx(0.05)
+    seen = LearningRates()
+    fit(LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=sgd), 8, callbacks=[seen])
+    assert seen.lrs == [0.1] * 8
+
+
+def test_with_a_time_limit_the_schedule_follows_whichever_budget_is_further_spent(monkeypatch):
+    from pytorch_lightning.callbacks import Timer
+
+    monkeypatch.setattr(Timer, "time_elapsed", lambda self, stage="train": 30.0)
+    monkeypatch.setattr(Timer, "time_remaining", lambda self, stage="train": 90.0)
+    sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+    seen = LearningRates()
+    fit(LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=sgd, lr_schedule="cosine"), 8,
+        max_time={"hours": 1}, callbacks=[seen])
+    # 30 of 120 s spent (the timer) is further than k of 8 steps until step 2, then the steps lead
+    assert seen.spent == pytest.approx([0.25, 0.25, 0.25, 3 / 8, 4 / 8, 5 / 8, 6 / 8, 7 / 8])
+    assert seen.lrs[0] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
 def test_trainer_level_clipping_is_refused_with_the_option_to_use(quick_overrides):
     with pytest.raises(ValueError, match="set lit.gradient_clip_val and lit.accumulate_grad_batches instead"):
         train(compose_config("train", [*quick_overrides, "debug=fdr", "+trainer.gradient_clip_val=1.0"]))
@@ -72,6 +108,7 @@ def test_trainer_level_clipping_is_refused_with_the_option_to_use(quick_override
     ({"gradient_clip_val": 0}, "lit.gradient_clip_val must be positive or null"),
     ({"accumulate_grad_batches": 0}, "lit.accumulate_grad_batches must be a positive integer"),
     ({"alpha": -1.0}, "lit.alpha must be >= 0"),
+    ({"lr_schedule": "linear"}, "lit.lr_schedule='linear' must be one of constant, cosine"),
 ])
 def test_impossible_settings_fail_clearly(options, message):
     with pytest.raises(ValueError, match=message):

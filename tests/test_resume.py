@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,11 @@ def run(overrides: list[str], out: Path, epochs: int, ckpt: Path | None = None) 
     return torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
 
 
-@pytest.mark.parametrize("model", [["model=vae"], ["model=ssvae", "data.labeled=100", "data.labeled_batch_size=20"]])
+# M2 with a constant lr: the "interrupted" run here is a shorter run, and a cosine schedule
+# anneals over the budget it is given
+@pytest.mark.parametrize("model", [
+    ["model=vae"], ["model=ssvae", "data.labeled=100", "data.labeled_batch_size=20", "lit.lr_schedule=constant"],
+])
 def test_resumed_run_ends_with_the_weights_of_the_uninterrupted_run(model, quick_overrides, tmp_path):
     overrides = [*quick_overrides, *model]
     whole = run(overrides, tmp_path / "whole", epochs=3)
@@ -35,3 +40,14 @@ def test_resumed_run_ends_with_the_weights_of_the_uninterrupted_run(model, quick
     for name, value in whole["state_dict"].items():
         assert torch.equal(resumed["state_dict"][name], value), name
     assert any(not torch.equal(first["state_dict"][name], value) for name, value in whole["state_dict"].items())
+
+
+def test_a_resumed_run_trains_with_the_configured_optimizer_settings_and_says_so(quick_overrides, tmp_path, caplog):
+    """Lightning restores the optimizer's lr from the checkpoint; the configuration wins."""
+    run([*quick_overrides, "lit.optimizer.lr=1e-3"], tmp_path / "first", epochs=1)
+    with caplog.at_level(logging.INFO, logger="vaelab.lit"):
+        resumed = run([*quick_overrides, "lit.optimizer.lr=1e-4", "+lit.optimizer.weight_decay=0.5"], tmp_path / "resumed",
+                      epochs=2, ckpt=tmp_path / "first" / "checkpoints" / "last.ckpt")
+    group = resumed["optimizer_states"][0]["param_groups"][0]
+    assert (group["lr"], group["weight_decay"]) == (1e-4, 0.5)
+    assert "lr 0.0001 (checkpoint: 0.001)" in caplog.text and "weight_decay 0.5 (checkpoint: 0)" in caplog.text

@@ -240,13 +240,14 @@ def test_class_information_of_q_y():
 def test_m2_recipe_composes_and_the_papers_setting_is_one_override_away(quick_overrides):
     cfg = compose_config("train", [*quick_overrides, "model=ssvae"])
     assert cfg.model.net.hidden == [500] and cfg.model.classifier_net.type == "conv"
-    assert (cfg.lit.alpha, cfg.lit.optimizer.lr, cfg.lit.gradient_clip_val) == (10.0, 1e-3, 5.0)
+    assert (cfg.lit.alpha, cfg.lit.optimizer.lr, cfg.lit.gradient_clip_val, cfg.lit.lr_schedule) == (10.0, 1e-3, 5.0, "cosine")
     model = hydra.utils.instantiate(cfg.model)
     assert isinstance(model.classifier.features, ConvFeatures) and len(model.vae.encoder.head.body[1]) == 1  # 500 -> out
     assert compose_config("train", [*quick_overrides, "model=ssvae", "net=mlp"]).model.net.hidden == [500, 500]
     paper = compose_config("train", [*quick_overrides, "experiment=m2_mnist_100"])
     assert (paper.model.net.hidden, paper.model.net.activation, paper.model.classifier_net) == ([500], "softplus", None)
-    assert (paper.lit.alpha, paper.lit.optimizer.lr, paper.lit.gradient_clip_val) == (None, 3e-4, None)
+    assert (paper.lit.alpha, paper.lit.optimizer.lr, paper.lit.gradient_clip_val, paper.lit.lr_schedule) == (None, 3e-4, None, "constant")
     built = hydra.utils.instantiate(paper.model)
     assert not isinstance(built.classifier.features, ConvFeatures)  # q(y|x) is the same MLP as the other networks
-    assert compose_config("train", [*quick_overrides, "model=vae"]).model.net.hidden == [500, 500]
+    vae = compose_config("train", [*quick_overrides, "model=vae"])
+    assert vae.model.net.hidden == [500, 500] and vae.lit.lr_schedule == "constant"

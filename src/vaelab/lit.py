@@ -4,17 +4,21 @@ accumulation, compilation, the finiteness guard, test-time importance sampling).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import Timer
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from vaelab.elbo import bits_per_dim, iwae_bound
 from vaelab.models.base import LatentModel
 from vaelab.utils.checkpoint import upgrade_state_dict
+
+log = logging.getLogger(__name__)
 
 Optimizer = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -24,6 +28,12 @@ def model_name(model: LatentModel) -> str:
     if model.has_classifier:
         return "ssvae"
     return "vae" if model.num_classes is None else "cvae"
+
+
+LR_SCHEDULES: dict[str, Callable[[float], float]] = {
+    "constant": lambda spent: 1.0,
+    "cosine": lambda spent: 0.5 * (1 + math.cos(math.pi * spent)),  # Loshchilov & Hutter 2017, no restarts
+}
 
 
 class LitModel(pl.LightningModule):
@@ -44,6 +54,8 @@ class LitModel(pl.LightningModule):
     ``train_size`` (N). The update is stepped here (manual optimization: Lightning's automatic
     loop costs ~4 % of a small model's step), with ``gradient_clip_val`` (total norm) and
     ``accumulate_grad_batches`` as options; ``compile=True`` compiles ``objective``.
+    ``lr_schedule="cosine"`` anneals every learning rate from its configured value to zero over
+    the training budget (see ``budget_spent``); ``"constant"`` keeps it.
     ``iwae_k`` > 0 adds the k-sample importance-weighted bound to the test metrics, drawn in passes
     of at most ``iwae_rows`` decoder rows.
     """
@@ -58,6 +70,7 @@ class LitModel(pl.LightningModule):
         gradient_clip_val: float | None = None,
         accumulate_grad_batches: int = 1,
         compile: bool = False,
+        lr_schedule: str = "constant",
         iwae_k: int = 0,
         iwae_rows: int = 20_000,
         binary: bool | None = None,
@@ -75,6 +88,8 @@ class LitModel(pl.LightningModule):
             raise ValueError(f"lit.gradient_clip_val must be positive or null, got {gradient_clip_val}.")
         if not (isinstance(accumulate_grad_batches, int) and accumulate_grad_batches >= 1):
             raise ValueError(f"lit.accumulate_grad_batches must be a positive integer, got {accumulate_grad_batches}.")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lit.lr_schedule={lr_schedule!r} must be one of {', '.join(LR_SCHEDULES)}.")
         if not (isinstance(iwae_k, int) and iwae_k >= 0):
             raise ValueError(f"eval.iwae_k must be a non-negative integer, got {iwae_k}.")
         check_likelihood(model, binary)
@@ -87,12 +102,15 @@ class LitModel(pl.LightningModule):
         self.alpha, self.weighting, self.unlabeled_weight = alpha, weighting, unlabeled_weight
         self.gradient_clip_val, self.accumulate_grad_batches = gradient_clip_val, accumulate_grad_batches
         self.compile_objective = compile
+        self.lr_schedule = lr_schedule
+        self._configured_groups: list[dict] = []  # the optimizer's settings as configured
+        self._checkpoint_groups: list[dict] | None = None  # ... and as configured for a resumed run
         self.iwae_k, self.iwae_rows = iwae_k, iwae_rows
         self.automatic_optimization = False
         # resolved values (alpha) are saved, so checkpoints and loggers show what trained
         self.save_hyperparameters(
             {"model": model_name(model), "alpha": alpha, "weighting": weighting, "unlabeled_weight": unlabeled_weight,
-             "gradient_clip_val": gradient_clip_val,
+             "gradient_clip_val": gradient_clip_val, "lr_schedule": lr_schedule,
              "accumulate_grad_batches": accumulate_grad_batches, "labeled": labeled, "train_size": train_size}
         )
         if model.has_classifier:
@@ -126,6 +144,7 @@ class LitModel(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Checkpoints written when the LightningModule was the model itself load with renamed keys."""
         checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"], self.state_dict())
+        self._checkpoint_groups = checkpoint.get("configured_optimizer")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_factory is None:
@@ -133,7 +152,24 @@ class LitModel(pl.LightningModule):
                 "LitModel was built without an optimizer; pass "
                 "optimizer=functools.partial(torch.optim.Adam, lr=...) (lit.optimizer in the config)."
             )
-        return self.optimizer_factory(self.model.parameters())
+        optimizer = self.optimizer_factory(self.model.parameters())
+        self._configured_groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        return optimizer
+
+    def on_train_start(self) -> None:
+        """On resume Lightning restores the optimizer's settings from the checkpoint: the
+        configured ones (lr, betas, weight decay...) win, so a run resumed with a lower
+        ``lit.optimizer.lr`` trains with it; the log says what changed."""
+        groups = self.optimizers().param_groups
+        before = self._checkpoint_groups or [dict(group) for group in groups]
+        for group, configured, old in zip(groups, self._configured_groups, before):
+            changed = [f"{k} {v} (checkpoint: {old[k]})" for k, v in configured.items() if k in old and old[k] != v]
+            if changed:
+                log.info("Resuming with the configured optimizer settings: %s.", ", ".join(changed))
+            group.update(configured)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["configured_optimizer"] = self._configured_groups
 
     # -- the objective -------------------------------------------------------------------
     def objective(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -179,11 +215,34 @@ class LitModel(pl.LightningModule):
         optimizer = self.optimizers()
         self.manual_backward(loss / self.accumulate_grad_batches)
         if (batch_idx + 1) % self.accumulate_grad_batches == 0 or self.trainer.is_last_batch:
+            metrics["lr"] = self._set_learning_rates(optimizer)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if writes:
             self.log_dict({f"train/{name}": value for name, value in metrics.items()}, on_step=True, on_epoch=False)
         return loss
+
+    def budget_spent(self) -> float:
+        """The share of the training budget spent, in [0, 1]: optimizer steps over
+        ``max_epochs``/``max_steps``, or elapsed over ``trainer.max_time``, whichever is further."""
+        spent = [0.0]
+        total = self.trainer.estimated_stepping_batches
+        if math.isfinite(total) and total > 0:
+            spent.append(self.global_step / total)
+        for timer in (c for c in self.trainer.callbacks if isinstance(c, Timer)):
+            remaining = timer.time_remaining()
+            if remaining is not None:
+                elapsed = timer.time_elapsed()
+                spent.append(elapsed / max(elapsed + remaining, 1e-9))
+        return min(1.0, max(spent))
+
+    def _set_learning_rates(self, optimizer) -> float:
+        """Set each parameter group's lr from its configured value and ``lr_schedule`` (so a
+        resumed run follows the configuration, not the checkpoint's lr); return the first."""
+        factor = LR_SCHEDULES[self.lr_schedule](self.budget_spent())
+        for group, configured in zip(optimizer.param_groups, self._configured_groups):
+            group["lr"] = configured["lr"] * factor
+        return optimizer.param_groups[0]["lr"]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Gradients are unscaled here under mixed precision: skip a non-finite step's update
