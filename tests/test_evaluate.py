@@ -12,11 +12,16 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+import vaelab.evaluate as evaluate_module
 from vaelab.classifier import ImageClassifier, build_classifier, load_classifier, real_image_data, sample_accuracy
 from vaelab.data import MNISTDataModule
+from vaelab.evaluate import classifier_path
 from vaelab.lit import LitModel
 from vaelab.models import M2, VAE
 from vaelab.report import model_figures
+from vaelab.train import train
 from vaelab.utils import restore_run_config
 from vaelab.viz import analogy_grid, confusion_plot, latent_scatter, normal_quantile_grid, project_2d
 from conftest import compose_config, run_script
@@ -71,6 +76,22 @@ def test_iwae_in_passes_equals_one_pass(trained_vae, mnist):
         torch.testing.assert_close(trained_vae.iwae(x, y, 50), whole)
     finally:
         trained_vae.iwae_rows = 20_000
+
+
+def test_a_sigterm_stops_the_importance_weighted_bound_between_passes():
+    class Stopping:  # what the trainer reports once SIGTERM arrived
+        received_sigterm = True
+
+    module = LitModel(VAE((1, 6, 6), z_dim=2, net={"type": "mlp", "hidden": [8]}), iwae_rows=4)
+    passes = []
+    log_weights = module.model.log_weights
+    module.model.log_weights = lambda x, y, k: passes.append(k) or log_weights(x, y, k)
+    module.iwae(torch.zeros(2, 1, 6, 6), None, 10)
+    assert passes == [2] * 5
+    module.trainer = Stopping()
+    with pytest.raises(SIGTERMException):
+        module.iwae(torch.zeros(2, 1, 6, 6), None, 10)
+    assert len(passes) == 5  # not one more pass
 
 
 def test_m2_importance_weights_sum_out_the_class():
@@ -191,3 +212,32 @@ def test_classifier_command_builds_the_cache(mnist_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     _, accuracy = load_classifier(tmp_path / "mnist.pt", None)
     assert accuracy > 0.9
+
+
+def test_an_unwritable_classifier_cache_falls_back_to_the_run_directory(quick_overrides, tmp_path, caplog):
+    (tmp_path / "a_file").write_text("")
+    cfg = compose_config("evaluate", [*quick_overrides, f"eval.classifier_dir={tmp_path}/a_file/classifiers"])
+    with caplog.at_level("WARNING"):
+        path = classifier_path(cfg, MNISTDataModule(data_dir=cfg.paths.data_dir))
+    assert path == tmp_path / "classifiers" / "mnist.pt"
+    assert "cannot be written; caching the classifier at" in caplog.text
+    cfg = compose_config("evaluate", [*quick_overrides, f"eval.classifier_dir={tmp_path}/cache"])
+    assert classifier_path(cfg, MNISTDataModule(data_dir=cfg.paths.data_dir)) == tmp_path / "cache" / "mnist.pt"
+
+
+def test_metrics_are_written_before_the_optional_extras(quick_overrides, tmp_path, monkeypatch):
+    """A failure while scoring samples (or drawing figures) keeps the test metrics."""
+    run = [o for o in quick_overrides if not o.startswith("paths.output_dir")]
+    limits = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false"]
+    train(compose_config("train", [*run, "model=cvae", *limits, f"paths.output_dir={tmp_path}/run"]))
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("the classifier could not be built")
+
+    monkeypatch.setattr(evaluate_module, "load_classifier", fails)
+    cfg = compose_config("evaluate", [*run, "model=cvae", f"ckpt_path={tmp_path}/run/checkpoints/last.ckpt",
+                                      "trainer.limit_test_batches=1", "eval.iwae_k=0", f"paths.output_dir={tmp_path}/eval"])
+    with pytest.raises(RuntimeError, match="could not be built"):
+        evaluate_module.evaluate(cfg)
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert math.isfinite(report["metrics"]["test/elbo_given_y"])

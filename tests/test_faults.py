@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from vaelab.lit import LitModel
 from vaelab.models import VAE
 from vaelab.train import train
 from vaelab.utils import PROJECT_ROOT
-from conftest import compose_config
+from vaelab.utils.run import AtomicCheckpointIO, RunDirectoryInUse, run_directory
+from conftest import compose_config, run_script
 
 
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(quick_overrides, tmp_path, monkeypatch):
@@ -58,6 +60,9 @@ def test_termination_signal_writes_a_checkpoint_before_exit(signum, mnist_dir, t
         time.sleep(0.2)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, stderr[-2000:]  # 143 or 130: schedulers see the run did not finish
+    log = (run_dir / "train.log").read_text()
+    assert f"Stopped by {signal.Signals(signum).name}; resume with ckpt_path={run_dir}/checkpoints/last.ckpt" in log
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert 20 <= checkpoint["global_step"] < 3125, stderr[-2000:]  # mid-epoch: 3125 steps make one
     assert not list((run_dir / "checkpoints").glob("epoch_*.ckpt"))
@@ -110,3 +115,64 @@ def test_two_runs_started_in_the_same_second_get_their_own_directories(mnist_dir
     dirs = sorted(path.name for path in (tmp_path / "train" / "runs").iterdir())
     assert len(dirs) == 2
     assert sorted(name.rsplit("_", 1)[1] for name in dirs) == sorted(str(p.pid) for p in processes)
+
+
+def test_a_run_directory_holding_a_run_is_refused_and_left_as_it_was(mnist_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    common = ["logger=csv", "trainer=cpu", f"paths.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}", "extras.print_config=false"]
+    first = run_script("train.py", *common, "debug=fdr")
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file() and path.name != "train.log"}
+    second = run_script("train.py", *common, "debug=fdr", "seed=7")
+    assert second.returncode != 0
+    assert f"Run directory {run_dir} holds another run's results (csv, images). Give this run its own directory" in second.stderr
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file() and path.name != "train.log"} == before
+
+
+def test_of_two_processes_for_one_directory_only_one_proceeds(mnist_dir, tmp_path):
+    with run_directory(tmp_path / "run"):  # this process holds it, as a running training would
+        result = run_script("train.py", "logger=csv", f"paths.data_dir={mnist_dir}", f"hydra.run.dir={tmp_path}/run",
+                            "train=false", "test=false", "extras.print_config=false")
+    assert result.returncode != 0
+    assert f"Run directory {tmp_path / 'run'} is in use by pid {os.getpid()} on " in result.stderr
+    assert not (tmp_path / "run" / ".hydra").exists()
+
+
+def test_a_run_resumes_inside_its_own_directory_but_a_new_run_may_not_write_there(quick_overrides, tmp_path):
+    overrides = [*quick_overrides, "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false"]
+    train(compose_config("train", [*overrides, "trainer.max_epochs=1"]))
+    with pytest.raises(RunDirectoryInUse, match="holds another run's results .*or continue that run with ckpt_path="):
+        train(compose_config("train", [*overrides, "trainer.max_epochs=2"]))
+    (tmp_path / "checkpoints" / ".last.ckpt.tmp-99999").write_bytes(b"half a checkpoint")  # a writer killed mid-write
+    first_log = (tmp_path / "csv" / "metrics.csv").read_text()
+    train(compose_config("train", [*overrides, "trainer.max_epochs=2", f"ckpt_path={tmp_path}/checkpoints/last.ckpt"]))
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    assert not list((tmp_path / "checkpoints").glob(".*"))  # the half-written file is gone
+    kept = list((tmp_path / "csv").glob("metrics.until-*.csv"))  # the CSV logger would delete the first run's log
+    assert len(kept) == 1 and kept[0].read_text() == first_log
+
+
+def test_an_interrupted_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, path)
+
+    def killed_mid_write(obj, file):
+        file.write(b"PK\x03\x04 half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_training_writes_checkpoints_atomically(quick_overrides, monkeypatch):
+    written = []
+    save = AtomicCheckpointIO.save_checkpoint
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint",
+                        lambda self, c, path, **options: written.append(Path(path).name) or save(self, c, path, **options))
+    train(compose_config("train", [*quick_overrides, "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                                   "trainer.limit_val_batches=1", "test=false"]))
+    assert "last.ckpt" in written

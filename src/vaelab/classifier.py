@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from torchmetrics.classification import MulticlassAccuracy
 
 from vaelab.nets import Encoder
+from vaelab.utils.run import atomic_write
 from vaelab.utils import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,8 @@ def build_classifier(
     log.info("Training the sample-quality classifier for %s (%d epochs) -> %s", datamodule.name, epochs, path)
     trainer.fit(model, datamodule=datamodule)
     accuracy = trainer.test(model, datamodule=datamodule, verbose=False)[0]["classifier/test_acc"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "test_acc": accuracy}, path)
+    with atomic_write(path, "wb") as file:
+        torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "test_acc": accuracy}, file)
     log.info("Classifier test accuracy on real %s images: %.2f %%", datamodule.name, 100 * accuracy)
     return model.eval(), accuracy
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import hydra
@@ -25,6 +26,7 @@ from vaelab.models import LatentModel
 from vaelab.report import latent_codes, model_figures, save_figures
 from vaelab.train import build, finish_wandb
 from vaelab.utils import CONFIG_DIR, apply_extras, check_checkpoint, instantiate_loggers, log_hyperparameters, restore_run_config
+from vaelab.utils.run import atomic_write, run_directory, signal_exit_status
 from vaelab.viz import confusion_plot, latent_scatter
 
 log = logging.getLogger(__name__)
@@ -32,16 +34,21 @@ log = logging.getLogger(__name__)
 
 def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]:
     """Test ``cfg.ckpt_path`` and return every metric; ``overrides`` are the command line's,
-    which win over the restored run config."""
+    which win over the restored run config. The run directory must be this run's alone."""
     if not cfg.get("ckpt_path"):
         raise ValueError("Give the checkpoint to evaluate: python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt")
-    cfg = restore_run_config(cfg, overrides or [])
+    with run_directory(cfg.paths.output_dir), signal_exit_status():
+        return _evaluate(restore_run_config(cfg, overrides or []))
+
+
+def _evaluate(cfg: DictConfig) -> dict[str, float]:
     apply_extras(cfg)
     datamodule: ImageDataModule = hydra.utils.instantiate(cfg.data)
     module = build(cfg, datamodule, iwae_k=cfg.eval.iwae_k, iwae_rows=cfg.eval.iwae_rows)
     check_checkpoint(cfg.ckpt_path, module)
     if cfg.eval.iwae_k:
         log.info("IWAE bound with k = %d: %s", cfg.eval.iwae_k, iwae_cost(module, cfg.eval.iwae_k, datamodule))
+    classifier = classifier_path(cfg, datamodule) if cfg.eval.sample_quality and module.model.num_classes else None
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers)
     log_hyperparameters(cfg, module, loggers)
@@ -50,18 +57,38 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, f
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
         matrix = module.confusion_matrix()  # every process takes part in gathering it
         if trainer.is_global_zero:
-            report = {}
+            report = {} if matrix is None else {"confusion_matrix": matrix.tolist()}
+            write_report(cfg, module.model, metrics, report)  # first the test, then what takes longer
             figures = evaluation_figures(cfg, module.model, datamodule)
             if matrix is not None:
-                report["confusion_matrix"] = matrix.tolist()
                 figures["confusion"] = confusion_plot(matrix)
-            if cfg.eval.sample_quality and module.model.num_classes:
-                report.update(sample_quality(cfg, module.model, datamodule, metrics, loggers))
+            if classifier is not None:
+                report.update(sample_quality(cfg, module.model, classifier, datamodule, metrics, loggers))
+                write_report(cfg, module.model, metrics, report)
             save_figures(figures, Path(cfg.paths.output_dir) / "figures", loggers, step=0)
-            write_report(cfg, module.model, metrics, report)
     finally:
         finish_wandb()
     return metrics
+
+
+def classifier_path(cfg: DictConfig, datamodule: ImageDataModule) -> Path:
+    """Where the sample-quality classifier is cached: ``eval.classifier_dir``, or, when it has
+    none yet and cannot be written, the run directory (checked before anything is computed)."""
+    path = Path(cfg.eval.classifier_dir) / f"{datamodule.name}.pt"
+    if path.is_file() or writable(path.parent):
+        return path
+    fallback = Path(cfg.paths.output_dir) / "classifiers" / path.name
+    log.warning("eval.classifier_dir=%s cannot be written; caching the classifier at %s instead.", path.parent, fallback)
+    return fallback
+
+
+def writable(directory: Path) -> bool:
+    """Whether files can be created in ``directory`` (made if missing)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(directory, os.W_OK | os.X_OK)
 
 
 def iwae_cost(module: LitModel, k: int, datamodule: ImageDataModule) -> str:
@@ -85,11 +112,10 @@ def evaluation_figures(cfg: DictConfig, model: LatentModel, datamodule: ImageDat
     return figures
 
 
-def sample_quality(cfg: DictConfig, model: LatentModel, datamodule: ImageDataModule, metrics: dict[str, float], loggers) -> dict:
+def sample_quality(cfg: DictConfig, model: LatentModel, path: Path, datamodule: ImageDataModule, metrics: dict[str, float], loggers) -> dict:
     """``test/sample_acc``: the share of class-conditional samples that an independent classifier
-    (built on first use) assigns to their class; adds it to ``metrics`` and the loggers and
-    returns the per-class shares and the classifier's own accuracy for the report."""
-    path = Path(cfg.eval.classifier_dir) / f"{datamodule.name}.pt"
+    (cached at ``path``, built on first use) assigns to their class; adds it to ``metrics`` and
+    the loggers and returns the per-class shares and the classifier's own accuracy for the report."""
     classifier, real_accuracy = load_classifier(path, real_image_data(cfg.data), cfg.eval.classifier_epochs)
     shares = sample_accuracy(model, classifier, cfg.eval.samples_per_class)
     metrics["test/sample_acc"] = float(shares.mean())
@@ -113,8 +139,8 @@ def write_report(cfg: DictConfig, model, metrics: dict[str, float], report: dict
         **report,
     }
     path = Path(cfg.paths.output_dir) / "metrics.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_write(path) as file:
+        file.write(json.dumps(result, indent=2) + "\n")
     log.info("Wrote %s", path)
 
 

@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Timer
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from vaelab.elbo import bits_per_dim, iwae_bound
@@ -341,7 +342,12 @@ class LitModel(pl.LightningModule):
     def iwae(self, x: torch.Tensor, y: torch.Tensor | None, k: int) -> torch.Tensor:
         """The k-sample importance-weighted bound per example, in passes of at most
         ``iwae_rows`` decoder rows."""
-        return iwae_bound(torch.cat([self.model.log_weights(x, y, n) for n in self.iwae_passes(len(x), k)]))
+        weights = []
+        for n in self.iwae_passes(len(x), k):
+            if self._trainer is not None and self.trainer.received_sigterm:  # a pass can take minutes
+                raise SIGTERMException
+            weights.append(self.model.log_weights(x, y, n))
+        return iwae_bound(torch.cat(weights))
 
     def iwae_passes(self, batch_size: int, k: int) -> list[int]:
         """Importance samples per pass for a batch: at most ``iwae_rows`` decoder rows each."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -23,6 +22,7 @@ from vaelab.utils import (
     instantiate_loggers,
     log_hyperparameters,
 )
+from vaelab.utils.run import AtomicCheckpointIO, restart_checkpoint, run_directory, signal_exit_status
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +37,13 @@ def finish_wandb() -> None:
 
 
 def resume_path(cfg: DictConfig) -> str | None:
-    """``ckpt_path``, or for a cluster job that SLURM restarted (requeued after preemption or
-    its time limit: ``SLURM_RESTART_COUNT`` > 0) the ``last.ckpt`` of its own run directory."""
+    """``ckpt_path``, or for a cluster job that SLURM restarted its own ``last.ckpt``."""
     if cfg.get("ckpt_path"):
         return cfg.ckpt_path
-    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    if int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0 and last.is_file():
+    last = restart_checkpoint(cfg.paths.output_dir)
+    if last:
         log.info("Restarted job: resuming from %s", last)
-        return str(last)
-    return None
+    return last
 
 
 def build(cfg: DictConfig, datamodule: ImageDataModule, **options) -> LitModel:
@@ -60,7 +58,13 @@ def build(cfg: DictConfig, datamodule: ImageDataModule, **options) -> LitModel:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit the model, then test the best checkpoint; return every logged metric."""
+    """Fit the model, then test the best checkpoint; return every logged metric. The run
+    directory must be this run's alone (``run_directory``)."""
+    with run_directory(cfg.paths.output_dir, resume_path(cfg)), signal_exit_status(Path(cfg.paths.output_dir) / "checkpoints"):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     if cfg.trainer.get("gradient_clip_val") or cfg.trainer.get("accumulate_grad_batches", 1) != 1:
@@ -79,7 +83,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_checkpoint(ckpt_path, model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
+    )
     log_hyperparameters(cfg, model, loggers)
 
     metrics: dict[str, float] = {}

@@ -14,6 +14,8 @@ import rich.tree
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
+from vaelab.utils.run import atomic_write
+
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
@@ -43,10 +45,10 @@ def print_config_tree(cfg: DictConfig, save_dir: str | None = None, order: Seque
         branch.add(rich.syntax.Syntax(text, "yaml"))
     rich.print(tree)
     if save_dir is not None:
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
-        with open(Path(save_dir) / "config_tree.log", "w") as file:
+        with atomic_write(Path(save_dir) / "config_tree.log") as file:
             rich.print(tree, file=file)
-        OmegaConf.save(cfg, Path(save_dir) / "config.yaml", resolve=True)
+        with atomic_write(Path(save_dir) / "config.yaml") as file:
+            OmegaConf.save(cfg, file, resolve=True)
 
 
 def apply_extras(cfg: DictConfig) -> None:
