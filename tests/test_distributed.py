@@ -38,3 +38,13 @@ def test_ddp_sim_trains_two_processes_into_one_run_directory(model, mnist_dir, t
         report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
         # the confusion matrix gathers both processes' 2 test batches of 500
         assert sum(map(sum, report["confusion_matrix"])) == 2 * 2 * 500
+
+
+def test_the_documented_ddp_check_runs_two_processes(mnist_dir, tmp_path):
+    """README: python train.py trainer=ddp_sim debug=fdr (M2, so both ranks log their split)."""
+    result = run_script("train.py", "trainer=ddp_sim", "debug=fdr", "model=ssvae", "data.labeled=100",
+                        f"paths.data_dir={mnist_dir}", f"paths.log_dir={tmp_path}", "logger=csv")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "MEMBER: 1/2" in output and "MEMBER: 2/2" in output
+    assert set(re.findall(r"Rank (\d): 100 labeled examples", output)) == {"0", "1"}

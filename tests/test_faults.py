@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from vaelab.data import MNISTDataModule
 from vaelab.evaluate import evaluate
 from vaelab.lit import LitModel
 from vaelab.models import VAE
 from vaelab.train import train
 from vaelab.utils import PROJECT_ROOT
-from vaelab.utils.run import AtomicCheckpointIO, RunDirectoryInUse, run_directory
+from vaelab.utils.run import AtomicCheckpointIO, RunDirectoryInUse, holds_results, run_directory
 from conftest import compose_config, run_script
 
 
@@ -176,3 +177,20 @@ def test_training_writes_checkpoints_atomically(quick_overrides, monkeypatch):
     train(compose_config("train", [*quick_overrides, "trainer.max_epochs=1", "trainer.limit_train_batches=2",
                                    "trainer.limit_val_batches=1", "test=false"]))
     assert "last.ckpt" in written
+
+
+@pytest.mark.parametrize("overrides, error", [
+    (["data.val_size=0"], "data.val_size=0 leaves no validation set, but optimized_metric=val/elbo"),
+    (["lit.optimizer.lr=-1"], "lit.optimizer: Invalid learning rate: -1"),
+    (["data.labeled=100"], "VAE trains on plain batches, but data.labeled=100"),
+])
+def test_settings_that_cannot_work_fail_before_anything_runs(overrides, error, quick_overrides, tmp_path):
+    with pytest.raises(ValueError, match=error):
+        train(compose_config("train", [*quick_overrides, *overrides]))
+    assert not holds_results(tmp_path)  # no logs, no checkpoints: nothing ran
+
+
+def test_a_labeled_batch_larger_than_the_labels_is_said(mnist_dir, caplog):
+    with caplog.at_level("INFO", logger="vaelab.data.base"):
+        MNISTDataModule(data_dir=str(mnist_dir), labeled=100, labeled_batch_size=200)
+    assert "data.labeled_batch_size=200 is more than the 100 labeled examples: every labeled batch holds all 100" in caplog.text

@@ -94,6 +94,11 @@ class LitModel(pl.LightningModule):
         if not (isinstance(iwae_k, int) and iwae_k >= 0):
             raise ValueError(f"eval.iwae_k must be a non-negative integer, got {iwae_k}.")
         check_likelihood(model, binary)
+        if optimizer is not None:
+            try:  # the optimizer checks its settings when it is built: build one now, on a stand-in
+                optimizer([torch.nn.Parameter(torch.zeros(1))])
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"lit.optimizer: {error}") from None
         self.model = model
         self.optimizer_factory = optimizer
         self.labeled, self.train_size = labeled, train_size

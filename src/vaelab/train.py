@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, open_dict
 
 from vaelab.data import ImageDataModule
-from vaelab.lit import LitModel
+from vaelab.lit import LitModel, check_training_data
 from vaelab.utils import (
     CONFIG_DIR,
     apply_extras,
@@ -74,9 +74,15 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         )
     datamodule: ImageDataModule = hydra.utils.instantiate(cfg.data)
     model = build(cfg, datamodule)
+    check_training_data(model.model, datamodule.labeled)  # before anything runs
     with open_dict(cfg):  # what the model resolved, so the saved and logged config show it
         cfg.optimized_metric = cfg.get("optimized_metric") or f"val/{model.bound_name}"
         cfg.lit.alpha = model.alpha
+    if cfg.get("train") and cfg.optimized_metric.startswith("val/") and datamodule.val_size == 0:
+        raise ValueError(
+            f"data.val_size=0 leaves no validation set, but optimized_metric={cfg.optimized_metric} (which picks the "
+            "best checkpoint) is measured on it: set data.val_size > 0 (the default holds out 10000)."
+        )
     apply_extras(cfg)
     ckpt_path = resume_path(cfg)
     if ckpt_path:

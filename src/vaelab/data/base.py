@@ -106,6 +106,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.on_device = on_device
         self.labeled = parse_labeled(labeled, self.num_classes)
         self.labeled_batch_size = labeled_batch_size
+        if self.labeled is not None and labeled_batch_size > self.labeled:
+            log.info("data.labeled_batch_size=%d is more than the %d labeled examples: every labeled batch holds all %d.",
+                     labeled_batch_size, self.labeled, self.labeled)
         self.data_dir = data_dir
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory

@@ -58,7 +58,7 @@ def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
             try:
                 logger.experiment  # noqa: B018  (starts the run)
             except Exception as error:  # wandb raises CommError, UsageError, TimeoutError ...
-                _set_wandb_mode(entry, "offline", f"the server could not be reached: {type(error).__name__}: {error}")
+                _set_wandb_mode(entry, "offline", f"the online run could not start: {type(error).__name__}: {error}")
                 logger = hydra.utils.instantiate(entry)
         loggers.append(logger)
     return loggers
