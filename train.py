@@ -1,4 +1,4 @@
-"""Train a model: ``python train.py model=ssvae data.labeled=100`` (see conf/train.yaml)."""
+"""Train a model: ``python train.py model=ssvae data.labeled=100`` (see src/vaelab/conf/train.yaml)."""
 
 from vaelab.train import main
 

@@ -29,9 +29,11 @@ from matplotlib.figure import Figure
 
 from vaelab.data.split import balanced_split
 from vaelab.train import build, train
-from vaelab.utils import CONFIG_DIR, PROJECT_ROOT
+from vaelab.utils import CONFIG_DIR
 
 PUBLISHED = {100: 11.97, 600: 4.94, 1000: 3.60, 3000: 3.92}
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the source checkout
 
 
 def curves(rows: list[dict], path: Path, title: str) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from vaelab.utils import PROJECT_ROOT
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the source checkout
 
 # experiment -> (what is compared, the published figure, its source)
 ROWS = {

@@ -12,7 +12,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from vaelab.data.mnist import FILE_NAMES
-from vaelab.utils import CONFIG_DIR, PROJECT_ROOT
+from vaelab.utils import CONFIG_DIR
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the source checkout: train.py, benchmarks/
 
 # Tests never reach W&B's servers; tests that exercise W&B set their own mode.
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -31,7 +33,7 @@ def mnist_dir() -> Path:
         if not _has_mnist(Path(configured)):
             pytest.fail(f"VAELAB_DATA_DIR={configured} holds no MNIST/raw/ with {FILE_NAMES}.")
         return Path(configured)
-    for candidate in (PROJECT_ROOT.parent / "shared" / "data", PROJECT_ROOT / "data"):
+    for candidate in (REPO_ROOT.parent / "shared" / "data", REPO_ROOT / "data"):
         if _has_mnist(candidate):
             return candidate
     pytest.skip("MNIST files not found; set VAELAB_DATA_DIR to a directory holding MNIST/raw/.")
@@ -42,7 +44,7 @@ def run_script(script: str, *overrides: str, env: dict[str, str] | None = None, 
     ``env`` adds to this process's environment."""
     return subprocess.run(
         [sys.executable, script, *overrides],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )
 
 

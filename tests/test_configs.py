@@ -11,8 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from vaelab.train import build
-from vaelab.utils import CONFIG_DIR, PROJECT_ROOT, instantiate_callbacks, instantiate_loggers
-from conftest import compose_config
+from vaelab.utils import CONFIG_DIR, instantiate_callbacks, instantiate_loggers
+from conftest import REPO_ROOT, compose_config
 
 
 def options(group: str) -> list[str]:
@@ -97,7 +97,7 @@ def test_evaluate_config_composes(quick_overrides):
 def test_cli_prints_a_complete_config(tmp_path):
     result = subprocess.run(
         [sys.executable, "train.py", "--cfg", "job", "--resolve", f"paths.data_dir={tmp_path}"],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
     cfg = OmegaConf.create(result.stdout)

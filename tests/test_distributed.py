@@ -11,6 +11,7 @@ import pytest
 from conftest import run_script
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [["model=vae"], ["model=ssvae", "data.labeled=100"]], ids=["vae", "ssvae"])
 def test_ddp_sim_trains_two_processes_into_one_run_directory(model, mnist_dir, tmp_path):
     result = run_script(
@@ -40,6 +41,7 @@ def test_ddp_sim_trains_two_processes_into_one_run_directory(model, mnist_dir, t
         assert sum(map(sum, report["confusion_matrix"])) == 2 * 2 * 500
 
 
+@pytest.mark.slow
 def test_the_documented_ddp_check_runs_two_processes(mnist_dir, tmp_path):
     """README: python train.py trainer=ddp_sim debug=fdr (M2, so both ranks log their split)."""
     result = run_script("train.py", "trainer=ddp_sim", "debug=fdr", "model=ssvae", "data.labeled=100",

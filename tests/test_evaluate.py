@@ -157,6 +157,7 @@ def run(script: str, *overrides: str) -> subprocess.CompletedProcess:
     return run_script(script, *overrides, "logger=csv", "extras.print_config=false")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "model, figures",
     [
@@ -206,6 +207,7 @@ def test_run_config_is_restored_and_the_command_line_still_wins(quick_overrides,
     assert restore_run_config(elsewhere, []) == elsewhere  # no run directory: the configured model
 
 
+@pytest.mark.slow
 def test_classifier_command_builds_the_cache(mnist_dir, tmp_path):
     result = run_script("-m", "vaelab.classifier", f"paths.data_dir={mnist_dir}", f"classifier_dir={tmp_path}", "epochs=1",
                         f"hydra.run.dir={tmp_path}/run")

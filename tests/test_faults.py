@@ -18,9 +18,8 @@ from vaelab.evaluate import evaluate
 from vaelab.lit import LitModel
 from vaelab.models import VAE
 from vaelab.train import train
-from vaelab.utils import PROJECT_ROOT
 from vaelab.utils.run import AtomicCheckpointIO, RunDirectoryInUse, holds_results, run_directory
-from conftest import compose_config, run_script
+from conftest import REPO_ROOT, compose_config, run_script
 
 
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(quick_overrides, tmp_path, monkeypatch):
@@ -44,6 +43,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(quick
     assert all(torch.isfinite(value).all() for value in last["state_dict"].values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_termination_signal_writes_a_checkpoint_before_exit(signum, mnist_dir, tmp_path):
     run_dir = tmp_path / "run"
@@ -53,7 +53,7 @@ def test_termination_signal_writes_a_checkpoint_before_exit(signum, mnist_dir, t
             f"hydra.run.dir={run_dir}", "extras.print_config=false", "data.batch_size=16",
             "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "+logger.csv.flush_logs_every_n_steps=1",
         ],
-        cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     metrics = run_dir / "csv" / "metrics.csv"
     deadline = time.time() + 120
@@ -98,7 +98,7 @@ def test_a_file_that_is_no_checkpoint_is_rejected(quick_overrides, tmp_path):
 @pytest.mark.parametrize("choice, options", [("model=vea", ["vae", "cvae", "ssvae"]), ("data=mnsit", ["mnist", "svhn"])])
 def test_unknown_config_choice_lists_the_options(choice, options):
     result = subprocess.run(
-        [sys.executable, "train.py", choice, "--cfg", "job"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "train.py", choice, "--cfg", "job"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
     )
     group, name = choice.split("=")
     assert result.returncode != 0
@@ -111,7 +111,7 @@ def test_two_runs_started_in_the_same_second_get_their_own_directories(mnist_dir
         sys.executable, "train.py", f"paths.log_dir={tmp_path}", f"paths.data_dir={mnist_dir}", "logger=csv",
         "train=false", "test=false", "optimized_metric=null", "extras.print_config=false",
     ]
-    processes = [subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL) for _ in range(2)]
+    processes = [subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL) for _ in range(2)]
     assert [p.wait(timeout=120) for p in processes] == [0, 0]
     dirs = sorted(path.name for path in (tmp_path / "train" / "runs").iterdir())
     assert len(dirs) == 2

@@ -98,6 +98,12 @@ def test_with_a_time_limit_the_schedule_follows_whichever_budget_is_further_spen
     assert seen.lrs[0] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 4)))
 
 
+def test_the_progress_bar_shows_the_training_bound():
+    module = LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=lambda p: torch.optim.Adam(p))
+    trainer = fit(module, 2, log_every_n_steps=1)
+    assert set(trainer.progress_bar_metrics) == {"train/elbo"}
+
+
 def test_trainer_level_clipping_is_refused_with_the_option_to_use(quick_overrides):
     with pytest.raises(ValueError, match="set lit.gradient_clip_val and lit.accumulate_grad_batches instead"):
         train(compose_config("train", [*quick_overrides, "debug=fdr", "+trainer.gradient_clip_val=1.0"]))

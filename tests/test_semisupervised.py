@@ -183,6 +183,7 @@ def test_cvae_on_a_partly_labeled_split_fails_clearly(quick_overrides):
         train(compose_config("train", [*quick_overrides, "model=cvae", "data.labeled=100", "debug=fdr"]))
 
 
+@pytest.mark.slow
 def test_short_run_of_the_default_m2_learns_from_100_labels(quick_overrides):
     """One epoch of 150 steps of model=ssvae as it is by default (one epoch: the tested checkpoint
     is the final one). Measured on the 2-core development machine: 72.1 % validation and 70.8 % test
@@ -240,7 +241,7 @@ def test_class_information_of_q_y():
 def test_m2_recipe_composes_and_the_papers_setting_is_one_override_away(quick_overrides):
     cfg = compose_config("train", [*quick_overrides, "model=ssvae"])
     assert cfg.model.net.hidden == [500] and cfg.model.classifier_net.type == "conv"
-    assert (cfg.lit.alpha, cfg.lit.optimizer.lr, cfg.lit.gradient_clip_val, cfg.lit.lr_schedule) == (10.0, 1e-3, 5.0, "cosine")
+    assert (cfg.lit.alpha, cfg.lit.optimizer.lr, cfg.lit.gradient_clip_val, cfg.lit.lr_schedule) == (10.0, 1e-3, 5.0, "constant")
     model = hydra.utils.instantiate(cfg.model)
     assert isinstance(model.classifier.features, ConvFeatures) and len(model.vae.encoder.head.body[1]) == 1  # 500 -> out
     assert compose_config("train", [*quick_overrides, "model=ssvae", "net=mlp"]).model.net.hidden == [500, 500]

@@ -94,6 +94,7 @@ def test_fast_dev_run_on_svhn_with_conv_nets(model, extra, svhn_dir, tmp_path):
     assert float(metrics[f"test/bpd{suffix}"]) == pytest.approx(-float(metrics[f"test/elbo{suffix}"]) / (3072 * np.log(2)), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_command_line_svhn_run_picks_conv_and_logistic(svhn_dir, tmp_path):
     result = run_script(
         "train.py", "data=svhn", "model=ssvae", "data.labeled=100", "trainer.fast_dev_run=true",

@@ -11,8 +11,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from vaelab.utils import CONFIG_DIR, PROJECT_ROOT
-from conftest import run_script
+from vaelab.utils import CONFIG_DIR
+from conftest import REPO_ROOT, run_script
 
 
 def run_train(*overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -22,6 +22,7 @@ def run_train(*overrides: str, env: dict[str, str] | None = None) -> subprocess.
 LIMITS = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
 
 
+@pytest.mark.slow
 def test_multirun_with_the_local_submitit_launcher(mnist_dir, tmp_path):
     result = run_train("-m", "hydra/launcher=local", f"paths.data_dir={mnist_dir}", f"paths.log_dir={tmp_path}", *LIMITS, "model=vae,cvae")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -46,6 +47,7 @@ def test_slurm_launcher_takes_its_shape_from_the_trainer():
     assert shown.returncode == 0 and "nodes: ${trainer.num_nodes}" in shown.stdout, shown.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_restarted_cluster_job_resumes_from_its_last_checkpoint(mnist_dir, tmp_path):
     run_dir = f"hydra.run.dir={tmp_path}/run"
     common = [f"paths.data_dir={mnist_dir}", run_dir, "trainer.limit_train_batches=5", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
@@ -59,6 +61,7 @@ def test_a_restarted_cluster_job_resumes_from_its_last_checkpoint(mnist_dir, tmp
     assert (checkpoint["epoch"], checkpoint["global_step"]) == (1, 10)
 
 
+@pytest.mark.slow
 def test_optuna_search_runs_trials_and_resumes_from_its_storage(mnist_dir, tmp_path):
     storage = f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db"
     common = ["hparams_search=ssvae_optuna", f"paths.data_dir={mnist_dir}", f"paths.log_dir={tmp_path}", *LIMITS, storage]
@@ -75,8 +78,8 @@ def test_optuna_search_runs_trials_and_resumes_from_its_storage(mnist_dir, tmp_p
 
 
 def test_wandb_sweep_parameters_are_valid_overrides():
-    spec = yaml.safe_load((CONFIG_DIR / "sweep" / "ssvae_wandb.yaml").read_text())  # W&B's syntax, not OmegaConf's
-    assert (PROJECT_ROOT / spec["program"]).is_file() and "${args_no_hyphens}" in spec["command"]
+    spec = yaml.safe_load((REPO_ROOT / "sweeps" / "ssvae_wandb.yaml").read_text())  # W&B's syntax, not OmegaConf's
+    assert (REPO_ROOT / spec["program"]).is_file() and "${args_no_hyphens}" in spec["command"]
     fixed = [arg for arg in spec["command"] if "=" in arg]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         base = compose(config_name="train", overrides=fixed)

@@ -6,9 +6,12 @@ import csv
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from vaelab.evaluate import evaluate
+from vaelab.metrics import metric_direction, metric_mode
+from vaelab.utils import CONFIG_DIR
 from vaelab.train import metric_value, train
 from conftest import compose_config
 
@@ -102,3 +105,32 @@ def test_evaluate_rejects_a_missing_checkpoint(quick_overrides, tmp_path):
 def test_optimized_metric_must_have_been_logged():
     with pytest.raises(KeyError, match="optimized_metric='val/acc' was not logged; logged metrics: val/elbo"):
         metric_value({"val/elbo": -100.0}, "val/acc")
+
+
+@pytest.mark.slow
+def test_the_best_checkpoint_follows_the_metrics_direction_and_sweeps_get_its_value(quick_overrides, tmp_path):
+    """val/ce falls as the classifier learns: the kept checkpoint is its lowest epoch, and that
+    value (not the last epoch's) is what train() returns for optimized_metric."""
+    overrides = [*quick_overrides, "model=ssvae", "data.labeled=100", "optimized_metric=val/ce", "trainer.max_epochs=3",
+                 "trainer.limit_train_batches=5", "trainer.limit_val_batches=2", "test=false"]
+    metrics = train(compose_config("train", overrides))
+    rows = read_metrics(tmp_path / "csv" / "metrics.csv")
+    ce = {int(r["epoch"]): float(r["val/ce"]) for r in rows if r.get("val/ce")}
+    best = min(ce, key=ce.get)
+    assert [p.name for p in (tmp_path / "checkpoints").glob("epoch_*.ckpt")] == [f"epoch_{best:03d}.ckpt"]
+    assert metric_value(metrics, "val/ce") == pytest.approx(ce[best])
+
+
+@pytest.mark.parametrize("metric, mode", [("val/elbo", "max"), ("val/acc", "max"), ("val/bpd", "min"),
+                                          ("test/nll_iwae", "min"), (None, "max")])
+def test_every_optimized_metric_has_one_direction_for_checkpoints_and_sweeps(metric, mode):
+    assert metric_mode(metric) == mode and metric_direction(metric) == f"{mode}imize"
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", [f"optimized_metric={metric or 'null'}", "hparams_search=ssvae_optuna"], return_hydra_config=True)
+    assert cfg.callbacks.model_checkpoint.mode == mode
+    assert cfg.hydra.sweeper.direction == f"{mode}imize"
+
+
+def test_a_metric_without_a_direction_is_refused():
+    with pytest.raises(ValueError, match="optimized_metric='val/entropy' has no declared direction; choose one of acc, bpd"):
+        metric_mode("val/entropy")

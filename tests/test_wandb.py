@@ -10,7 +10,9 @@ import threading
 
 import pytest
 
-from vaelab.utils import PROJECT_ROOT, resolve_wandb_mode
+from vaelab.utils import resolve_wandb_mode
+from vaelab.utils.wandb import wandb_host
+from conftest import REPO_ROOT
 
 
 @pytest.fixture
@@ -29,8 +31,13 @@ def test_mode_is_online_with_an_api_key(no_credentials, monkeypatch):
     assert resolve_wandb_mode(None) == "online"
 
 
-def test_mode_is_online_with_a_netrc_entry(no_credentials, tmp_path):
-    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "x" * 40 + "\n")
+def test_mode_is_online_with_a_netrc_entry_for_the_host_wandb_logs_in_to(no_credentials, tmp_path, monkeypatch):
+    """`wandb login` stores the key for wandb's default host, which is not always api.wandb.ai."""
+    (tmp_path / "netrc").write_text(f"machine {wandb_host()}\n  login user\n  password " + "x" * 40 + "\n")
+    assert resolve_wandb_mode(None) == "online"
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    assert resolve_wandb_mode(None) == "offline"  # a key for another host
+    (tmp_path / "netrc").write_text("machine wandb.example.org\n  login user\n  password " + "x" * 40 + "\n")
     assert resolve_wandb_mode(None) == "online"
 
 
@@ -82,7 +89,7 @@ def test_offline_run_writes_wandb_files_without_network(mnist_dir, tmp_path):
                 f"hydra.run.dir={run_dir}", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
                 "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "extras.print_config=false",
             ],
-            cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300,
+            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
         )
     finally:
         server.close()
@@ -96,6 +103,7 @@ def test_offline_run_writes_wandb_files_without_network(mnist_dir, tmp_path):
     assert (run_dir / "csv" / "metrics.csv").is_file()
 
 
+@pytest.mark.slow
 def test_unreachable_server_in_online_mode_falls_back_to_offline(mnist_dir, tmp_path):
     with socket.create_server(("127.0.0.1", 0)) as probe:
         closed_port = probe.getsockname()[1]  # nothing listens there once the probe closes
@@ -112,7 +120,7 @@ def test_unreachable_server_in_online_mode_falls_back_to_offline(mnist_dir, tmp_
             "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
             "extras.print_config=false",
         ],
-        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "W&B logs offline (the online run could not start" in result.stdout + result.stderr

@@ -225,7 +225,9 @@ class LitModel(pl.LightningModule):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if writes:
-            self.log_dict({f"train/{name}": value for name, value in metrics.items()}, on_step=True, on_epoch=False)
+            bound = "elbo_given_y" if "elbo_given_y" in metrics else "elbo"  # the progress bar shows the bound
+            for name, value in metrics.items():
+                self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == bound)
         return loss
 
     def budget_spent(self) -> float:
@@ -321,7 +323,7 @@ class LitModel(pl.LightningModule):
         self.log_terms(terms, "val")
         if logits is not None:
             self.val_acc(logits, batch[1])
-            self.log("val/acc", self.val_acc, on_step=False, on_epoch=True)
+            self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
 
     def test_step(self, batch, batch_idx: int) -> None:
         x, y = batch

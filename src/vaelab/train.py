@@ -1,4 +1,4 @@
-"""Training entry point: ``python train.py [overrides]`` composes ``conf/train.yaml``."""
+"""Training entry point: ``python train.py [overrides]`` composes ``vaelab/conf/train.yaml``."""
 
 from __future__ import annotations
 
@@ -58,8 +58,9 @@ def build(cfg: DictConfig, datamodule: ImageDataModule, **options) -> LitModel:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit the model, then test the best checkpoint; return every logged metric. The run
-    directory must be this run's alone (``run_directory``)."""
+    """Fit the model, then test the best checkpoint; return every logged metric, with
+    ``optimized_metric`` at the best checkpoint's value. The run directory must be this run's
+    alone (``run_directory``)."""
     with run_directory(cfg.paths.output_dir, resume_path(cfg)), signal_exit_status(Path(cfg.paths.output_dir) / "checkpoints"):
         return _train(cfg)
 
@@ -99,6 +100,9 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("train"):
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
             metrics.update(trainer.callback_metrics)
+            kept = trainer.checkpoint_callback
+            if kept is not None and kept.monitor == cfg.optimized_metric and kept.best_model_score is not None:
+                metrics[cfg.optimized_metric] = kept.best_model_score  # what the kept checkpoint scored, not the last epoch
         if cfg.get("test"):
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             if cfg.get("train") and not best:

@@ -1,13 +1,12 @@
 """Helpers for the entry points: config paths and printing, instantiation, W&B mode."""
 
 from vaelab.utils.checkpoint import check_checkpoint, restore_run_config
-from vaelab.utils.config import CONFIG_DIR, PROJECT_ROOT, apply_extras, print_config_tree
+from vaelab.utils.config import CONFIG_DIR, apply_extras, print_config_tree
 from vaelab.utils.instantiate import instantiate_callbacks, instantiate_loggers, log_hyperparameters
 from vaelab.utils.wandb import resolve_wandb_mode
 
 __all__ = [
     "CONFIG_DIR",
-    "PROJECT_ROOT",
     "apply_extras",
     "check_checkpoint",
     "instantiate_callbacks",

@@ -14,20 +14,29 @@ import rich.tree
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
+from vaelab.metrics import metric_direction, metric_mode
 from vaelab.utils.run import atomic_write
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[3]
-CONFIG_DIR = PROJECT_ROOT / "conf"
+# the Hydra configs ship inside the package (src/vaelab/conf), so an installed vaelab finds them
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 
+# paths.root_dir: the directory a command runs in, which holds outputs/ (and data/ by default);
+# cached, so that a sweep's jobs in other processes resolve the same directories
 if not OmegaConf.has_resolver("vaelab_root"):
-    OmegaConf.register_new_resolver("vaelab_root", lambda: str(PROJECT_ROOT))
+    OmegaConf.register_new_resolver("vaelab_root", os.getcwd, use_cache=True)
 # the process id in run directory names: two runs started in the same second never share one.
 # Cached like Hydra's ${now:}: the jobs of a sweep that a launcher runs in other processes
 # (submitit) receive the cache with their config and so resolve the same sweep directory.
 if not OmegaConf.has_resolver("vaelab_pid"):
     OmegaConf.register_new_resolver("vaelab_pid", os.getpid, use_cache=True)
+
+# which way optimized_metric improves: ModelCheckpoint's mode (max/min), a sweeper's direction
+if not OmegaConf.has_resolver("vaelab_mode"):
+    OmegaConf.register_new_resolver("vaelab_mode", metric_mode)
+if not OmegaConf.has_resolver("vaelab_direction"):
+    OmegaConf.register_new_resolver("vaelab_direction", metric_direction)
 
 FIRST_FIELDS = ("data", "model", "callbacks", "logger", "trainer", "paths", "extras")
 

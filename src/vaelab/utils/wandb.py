@@ -10,11 +10,22 @@ from urllib.parse import urlparse
 MODES = ("online", "offline", "disabled")
 
 
+def wandb_host() -> str | None:
+    """The host W&B logs in to, as wandb itself resolves it (``WANDB_BASE_URL``, its settings
+    files, or its default, which is not always api.wandb.ai)."""
+    import wandb
+
+    settings = wandb.Settings()
+    settings.update_from_system_settings()  # ~/.config/wandb/settings, where `wandb login --host` writes
+    settings.update_from_env_vars(dict(os.environ))
+    return urlparse(settings.base_url).hostname
+
+
 def has_wandb_credentials() -> bool:
-    """True when ``WANDB_API_KEY`` is set or the netrc file holds a key for the W&B host."""
+    """True when ``WANDB_API_KEY`` is set or the netrc file holds a key for W&B's host."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    host = wandb_host()
     path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     try:
         return path.is_file() and netrc.netrc(path).authenticators(host) is not None

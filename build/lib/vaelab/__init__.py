@@ -1,0 +1,3 @@
+"""vaelab: an experiment framework for variational autoencoders."""
+
+__version__ = "0.1.0"

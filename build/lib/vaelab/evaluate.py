@@ -1,0 +1,153 @@
+"""Evaluation entry point: ``python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt``.
+
+Restores the model and data of the checkpoint's run, tests it (ELBO, the importance-weighted
+bound with ``eval.iwae_k`` samples, bits/dim for 8-bit likelihoods, accuracy and confusion matrix
+for classifiers), scores class-conditional samples with an independent classifier, draws the
+figures, and writes everything to ``metrics.json`` and ``figures/`` in its own run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from vaelab.classifier import load_classifier, real_image_data, sample_accuracy
+from vaelab.data import ImageDataModule
+from vaelab.lit import LitModel, model_name
+from vaelab.models import LatentModel
+from vaelab.report import latent_codes, model_figures, save_figures
+from vaelab.train import build, finish_wandb
+from vaelab.utils import CONFIG_DIR, apply_extras, check_checkpoint, instantiate_loggers, log_hyperparameters, restore_run_config
+from vaelab.utils.run import atomic_write, run_directory, signal_exit_status
+from vaelab.viz import confusion_plot, latent_scatter
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]:
+    """Test ``cfg.ckpt_path`` and return every metric; ``overrides`` are the command line's,
+    which win over the restored run config. The run directory must be this run's alone."""
+    if not cfg.get("ckpt_path"):
+        raise ValueError("Give the checkpoint to evaluate: python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt")
+    with run_directory(cfg.paths.output_dir), signal_exit_status():
+        return _evaluate(restore_run_config(cfg, overrides or []))
+
+
+def _evaluate(cfg: DictConfig) -> dict[str, float]:
+    apply_extras(cfg)
+    datamodule: ImageDataModule = hydra.utils.instantiate(cfg.data)
+    module = build(cfg, datamodule, iwae_k=cfg.eval.iwae_k, iwae_rows=cfg.eval.iwae_rows)
+    check_checkpoint(cfg.ckpt_path, module)
+    if cfg.eval.iwae_k:
+        log.info("IWAE bound with k = %d: %s", cfg.eval.iwae_k, iwae_cost(module, cfg.eval.iwae_k, datamodule))
+    classifier = classifier_path(cfg, datamodule) if cfg.eval.sample_quality and module.model.num_classes else None
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers)
+    log_hyperparameters(cfg, module, loggers)
+    try:
+        trainer.test(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+        matrix = module.confusion_matrix()  # every process takes part in gathering it
+        if trainer.is_global_zero:
+            report = {} if matrix is None else {"confusion_matrix": matrix.tolist()}
+            write_report(cfg, module.model, metrics, report)  # first the test, then what takes longer
+            figures = evaluation_figures(cfg, module.model, datamodule)
+            if matrix is not None:
+                figures["confusion"] = confusion_plot(matrix)
+            if classifier is not None:
+                report.update(sample_quality(cfg, module.model, classifier, datamodule, metrics, loggers))
+                write_report(cfg, module.model, metrics, report)
+            save_figures(figures, Path(cfg.paths.output_dir) / "figures", loggers, step=0)
+    finally:
+        finish_wandb()
+    return metrics
+
+
+def classifier_path(cfg: DictConfig, datamodule: ImageDataModule) -> Path:
+    """Where the sample-quality classifier is cached: ``eval.classifier_dir``, or, when it has
+    none yet and cannot be written, the run directory (checked before anything is computed)."""
+    path = Path(cfg.eval.classifier_dir) / f"{datamodule.name}.pt"
+    if path.is_file() or writable(path.parent):
+        return path
+    fallback = Path(cfg.paths.output_dir) / "classifiers" / path.name
+    log.warning("eval.classifier_dir=%s cannot be written; caching the classifier at %s instead.", path.parent, fallback)
+    return fallback
+
+
+def writable(directory: Path) -> bool:
+    """Whether files can be created in ``directory`` (made if missing)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(directory, os.W_OK | os.X_OK)
+
+
+def iwae_cost(module: LitModel, k: int, datamodule: ImageDataModule) -> str:
+    """What the importance-weighted bound will cost: decoder rows and forward passes over the test set."""
+    datamodule.setup("test")
+    images, batch, per_image = len(datamodule.test_set), datamodule.eval_batch_size, module.model.rows_per_sample
+    passes = len(module.iwae_passes(min(batch, images), k)) * -(-images // batch)
+    return f"{k * images * per_image:.3g} decoder rows (k x {images} test images x {per_image}) in {passes} passes"
+
+
+@torch.no_grad()
+def evaluation_figures(cfg: DictConfig, model: LatentModel, datamodule: ImageDataModule) -> dict[str, torch.Tensor]:
+    """The model's figures on the first test images, and the latent scatter of ``eval.n_latent`` of them."""
+    model.eval()
+    x, y = datamodule.example_batch(max(cfg.eval.n_examples, cfg.eval.n_latent), split="test")
+    n = cfg.eval.n_examples
+    figures = model_figures(model, x[:n].to(model.device), y[:n].to(model.device))
+    x, y = x[: cfg.eval.n_latent], y[: cfg.eval.n_latent]
+    codes = torch.cat([latent_codes(model, a.to(model.device), b.to(model.device)) for a, b in zip(x.split(500), y.split(500))])
+    figures["latent"] = latent_scatter(codes, y, datamodule.num_classes)
+    return figures
+
+
+def sample_quality(cfg: DictConfig, model: LatentModel, path: Path, datamodule: ImageDataModule, metrics: dict[str, float], loggers) -> dict:
+    """``test/sample_acc``: the share of class-conditional samples that an independent classifier
+    (cached at ``path``, built on first use) assigns to their class; adds it to ``metrics`` and
+    the loggers and returns the per-class shares and the classifier's own accuracy for the report."""
+    classifier, real_accuracy = load_classifier(path, real_image_data(cfg.data), cfg.eval.classifier_epochs)
+    shares = sample_accuracy(model, classifier, cfg.eval.samples_per_class)
+    metrics["test/sample_acc"] = float(shares.mean())
+    for logger in loggers:
+        logger.log_metrics({"test/sample_acc": metrics["test/sample_acc"]}, step=0)
+    return {"sample_acc_per_class": shares.tolist(), "classifier": {"path": str(path), "test_acc_on_real_images": real_accuracy}}
+
+
+def write_report(cfg: DictConfig, model, metrics: dict[str, float], report: dict) -> None:
+    """``metrics.json``: the metrics and what they were measured on."""
+    binarized = getattr(cfg.data, "binarize", False)
+    result = {
+        "checkpoint": str(Path(cfg.ckpt_path).resolve()),
+        "model": model_name(model),
+        "likelihood": repr(model.likelihood),
+        "data": cfg.data._target_.rsplit(".", 1)[-1],
+        "test_inputs": f"binarized once with seed data.split_seed={cfg.data.split_seed}" if binarized else "8-bit pixels",
+        "iwae_k": cfg.eval.iwae_k,
+        "units": "nats per example (elbo, nll_iwae), bits per dimension (bpd)",
+        "metrics": dict(sorted(metrics.items())),
+        **report,
+    }
+    path = Path(cfg.paths.output_dir) / "metrics.json"
+    with atomic_write(path) as file:
+        file.write(json.dumps(result, indent=2) + "\n")
+    log.info("Wrote %s", path)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg, list(HydraConfig.get().overrides.task))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Variational autoencoder (Kingma & Welling 2014), conditional on a class when ``num_classes``
+is given (the CVAE):
+
+    z ~ p(z) = N(0, I),   x ~ p(x | z [, y])              (generative model)
+    q(z | x [, y]) = N(mu(x [, y]), diag sigma^2(x [, y]))  (inference network)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from vaelab.distributions import Likelihood, diag_gaussian
+from vaelab.elbo import elbo_terms, log_importance_weight
+from vaelab.models.base import LatentModel, Terms
+from vaelab.nets import Decoder, Encoder
+
+
+class VAE(LatentModel):
+    """``net`` and ``likelihood`` as in ``vaelab.nets.net_options`` and
+    ``vaelab.distributions.Likelihood``. With ``num_classes`` every distribution takes the
+    class y (one-hot, entering the networks' first dense layer) and ``sample(n, y=9)`` draws
+    nines; without, ``y`` arguments are ignored."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        z_dim: int = 50,
+        num_classes: int | None = None,
+        net: Mapping | None = None,
+        likelihood: str | Mapping | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(z_dim, int) or z_dim <= 0:
+            raise ValueError(f"model.z_dim must be a positive integer, got {z_dim}.")
+        self.input_shape, self.z_dim, self.num_classes = tuple(input_shape), z_dim, num_classes
+        self.likelihood = Likelihood.from_spec(likelihood)
+        channels, *size = self.input_shape
+        decoder_shape = (self.likelihood.params_per_channel * channels, *size)
+        self.encoder = Encoder(net, self.input_shape, 2 * z_dim, num_classes)
+        self.decoder = Decoder(net, z_dim, decoder_shape, num_classes)
+
+    def _class(self, y: int | torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+        """The class input: None for an unconditional model; else ``y``, which it needs."""
+        if self.num_classes is None:
+            return None
+        if y is None:
+            raise ValueError("This conditional VAE needs the class y of every example.")
+        return torch.as_tensor(y, device=like.device)
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        """q(z|x[,y])."""
+        mu, logvar = self.encoder(x, self._class(y, x)).chunk(2, dim=-1)
+        return diag_gaussian(mu, logvar)
+
+    def encode_all_classes(self, x: torch.Tensor):
+        """q(z|x,y) for every class at once: batch shape (K, B), row k with y = k."""
+        mu, logvar = self.encoder.all_classes(x).chunk(2, dim=-1)
+        return diag_gaussian(mu, logvar)
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None):
+        """p(x|z[,y]); z (..., z_dim) and y (...) share their leading dimensions."""
+        return self.likelihood(self.decoder(z, self._class(y, z)))
+
+    def bound(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Terms:
+        """ELBO  L(x[,y]) = E_q(z|x[,y])[log p(x|z[,y])] - KL(q(z|x[,y]) || p(z)), one sample of z."""
+        qz = self.encode(x, y)
+        return Terms(**elbo_terms(x, self.decode(qz.rsample(), y), qz), given_y=self.num_classes is not None)
+
+    def log_weights(self, x: torch.Tensor, y: torch.Tensor | None, k: int) -> torch.Tensor:
+        """log p(x, z_i [| y]) - log q(z_i | x [, y]) for k draws z_i ~ q(z|x[,y]), shape (k, B);
+        for the CVAE the importance-weighted bound bounds log p(x|y), the class given."""
+        qz = self.encode(x, y)
+        z = qz.rsample((k,))
+        classes = None if self.num_classes is None else self._class(y, x).expand(k, -1)
+        return log_importance_weight(x, self.decode(z, classes), qz, z)
+
+    @torch.no_grad()
+    def sample(self, n: int, y: int | torch.Tensor | None = None) -> torch.Tensor:
+        """Mean images of p(x|z[,y]) for n draws z ~ p(z); ``y`` is one class or n classes."""
+        z = torch.randn(n, self.z_dim, device=self.device)
+        classes = None if self.num_classes is None else self._class(y, z).expand(n)
+        return self.decode(z, classes).mean
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of p(x|z[,y]) at the posterior mean z = E[q(z|x[,y])]."""
+        return self.decode(self.encode(x, y).mean, y).mean
