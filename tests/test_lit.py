@@ -114,6 +114,7 @@ def test_trainer_level_clipping_is_refused_with_the_option_to_use(quick_override
     ({"gradient_clip_val": 0}, "lit.gradient_clip_val must be positive or null"),
     ({"accumulate_grad_batches": 0}, "lit.accumulate_grad_batches must be a positive integer"),
     ({"alpha": -1.0}, "lit.alpha must be >= 0"),
+    ({"class_balance": -1.0}, "lit.class_balance must be >= 0"),
     ({"lr_schedule": "linear"}, "lit.lr_schedule='linear' must be one of constant, cosine"),
 ])
 def test_impossible_settings_fail_clearly(options, message):

@@ -13,7 +13,7 @@ from torch.distributions import Normal
 from vaelab.data import MNISTDataModule
 from vaelab.nets import ConvFeatures
 from vaelab.data.split import balanced_split, parse_labeled
-from vaelab.elbo import unlabeled_bound
+from vaelab.elbo import marginal_kl, unlabeled_bound
 from vaelab.lit import LitModel
 from vaelab.models import M2, VAE
 from vaelab.report import model_figures
@@ -119,6 +119,21 @@ def test_objective_is_eq_9_with_batch_means(monkeypatch):
     torch.testing.assert_close(metrics["ce"], ce)
     torch.testing.assert_close(metrics["elbo"], U)
     torch.testing.assert_close(metrics["elbo_labeled"], L)
+    lit.weighting, lit.class_balance = "batch", 2.0
+    loss, metrics = lit.objective({"labeled": (x_lab, y_lab), "unlabeled": (x_unlab, torch.full((6,), -1))})
+    balance = marginal_kl(model.classify(x_unlab), -math.log(4))
+    torch.testing.assert_close(loss, -(L - 1.0 * ce + U) + 2.0 * balance)
+    torch.testing.assert_close(metrics["marginal_kl"], balance)
+
+
+def test_the_class_balance_term_is_the_kl_of_the_batch_marginal_to_the_prior():
+    torch.manual_seed(0)
+    logits = torch.randn(7, 4)
+    q = logits.softmax(-1).mean(0)
+    torch.testing.assert_close(marginal_kl(logits, -math.log(4)), (q * (q / 0.25).log()).sum())
+    assert float(marginal_kl(torch.zeros(5, 4), -math.log(4))) == pytest.approx(0.0, abs=1e-6)  # spread like p(y)
+    one_class = torch.tensor([[20.0, 0, 0, 0]]).expand(5, 4)
+    assert float(marginal_kl(one_class, -math.log(4))) == pytest.approx(math.log(4), abs=1e-4)  # all in one class
 
 
 def test_alpha_takes_the_papers_scaling_from_the_data_facts():

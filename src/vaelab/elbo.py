@@ -57,6 +57,14 @@ def unlabeled_bound(per_class: dict[str, torch.Tensor], qy_logits: torch.Tensor)
     return terms
 
 
+def marginal_kl(qy_logits: torch.Tensor, log_py: float) -> torch.Tensor:
+    """KL(q(y) || p(y)) for the uniform prior p(y) = exp(log_py), where q(y) = mean_x q(y|x) is the
+    classifier's marginal over the batch ``qy_logits`` (B, K): 0 when the batch's predictions are
+    spread like the prior, larger when some classes take more than their share. A scalar."""
+    marginal = qy_logits.softmax(-1).mean(0)
+    return (marginal * (marginal.clamp_min(torch.finfo(marginal.dtype).tiny).log() - log_py)).sum()
+
+
 def log_importance_weight(x: torch.Tensor, px: Distribution, qz: Independent, z: torch.Tensor) -> torch.Tensor:
     """log w = log p(x|z) + log p(z) - log q(z|x) for samples z ~ q(z|x) of any leading shape."""
     return px.log_prob(x) + standard_normal(z).log_prob(z) - qz.log_prob(z)

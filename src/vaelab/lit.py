@@ -15,7 +15,7 @@ from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from vaelab.elbo import bits_per_dim, iwae_bound
+from vaelab.elbo import bits_per_dim, iwae_bound, marginal_kl
 from vaelab.models.base import LatentModel
 from vaelab.utils.checkpoint import upgrade_state_dict
 
@@ -48,7 +48,9 @@ class LitModel(pl.LightningModule):
       shares of the training set (the paper's sum per example), w_unlab further multiplied by
       ``unlabeled_weight`` (0: the supervised baseline, the same classifier trained on the labels
       alone; U(x) is then not computed). ``alpha=None`` takes the paper's alpha = 0.1 * N / N_lab,
-      resolved from the data facts below.
+      resolved from the data facts below. ``class_balance`` = lambda > 0 subtracts
+      lambda KL(mean_unlab q(y|x) || p(y)) (``elbo.marginal_kl``), which penalises a classifier
+      that gives some classes more than their share of the unlabeled batch.
 
     Facts about the data come from whoever builds the module (train.py), never from a datamodule:
     ``binary`` (pixels are {0, 1}), ``labeled`` (N_lab, or None when every label is used) and
@@ -68,6 +70,7 @@ class LitModel(pl.LightningModule):
         alpha: float | None = None,
         weighting: str = "batch",
         unlabeled_weight: float = 1.0,
+        class_balance: float = 0.0,
         gradient_clip_val: float | None = None,
         accumulate_grad_batches: int = 1,
         compile: bool = False,
@@ -85,6 +88,8 @@ class LitModel(pl.LightningModule):
             raise ValueError(f"lit.weighting={weighting!r} must be 'batch' or 'data'.")
         if not unlabeled_weight >= 0:
             raise ValueError(f"lit.unlabeled_weight must be >= 0, got {unlabeled_weight}.")
+        if not class_balance >= 0:
+            raise ValueError(f"lit.class_balance must be >= 0, got {class_balance}.")
         if gradient_clip_val is not None and not gradient_clip_val > 0:
             raise ValueError(f"lit.gradient_clip_val must be positive or null, got {gradient_clip_val}.")
         if not (isinstance(accumulate_grad_batches, int) and accumulate_grad_batches >= 1):
@@ -106,6 +111,7 @@ class LitModel(pl.LightningModule):
         if alpha is None and self.labeled_share is not None:
             alpha = 0.1 / self.labeled_share
         self.alpha, self.weighting, self.unlabeled_weight = alpha, weighting, unlabeled_weight
+        self.class_balance = class_balance
         self.gradient_clip_val, self.accumulate_grad_batches = gradient_clip_val, accumulate_grad_batches
         self.compile_objective = compile
         self.lr_schedule = lr_schedule
@@ -116,6 +122,7 @@ class LitModel(pl.LightningModule):
         # resolved values (alpha) are saved, so checkpoints and loggers show what trained
         self.save_hyperparameters(
             {"model": model_name(model), "alpha": alpha, "weighting": weighting, "unlabeled_weight": unlabeled_weight,
+             "class_balance": class_balance,
              "gradient_clip_val": gradient_clip_val, "lr_schedule": lr_schedule,
              "accumulate_grad_batches": accumulate_grad_batches, "labeled": labeled, "train_size": train_size}
         )
@@ -200,6 +207,9 @@ class LitModel(pl.LightningModule):
         unlab = self.model.bound(x_unlab, qy_logits=logits[len(x_lab):])
         ce = F.cross_entropy(logits[: len(x_lab)], y_lab)
         loss = -(w_lab * (lab.elbo.mean() - self.alpha * ce) + self.unlabeled_weight * w_unlab * unlab.elbo.mean())
+        balance = marginal_kl(logits[len(x_lab):], -math.log(self.model.num_classes))  # uniform p(y)
+        if self.class_balance:
+            loss = loss + self.class_balance * balance
         metrics = {
             "loss": loss,
             "elbo": unlab.elbo.mean(),  # U(x) on the unlabeled batch
@@ -208,6 +218,7 @@ class LitModel(pl.LightningModule):
             "kl": torch.cat([lab.kl, unlab.kl]).mean(),
             "ce": ce,
             "entropy": unlab.extras["entropy"].mean(),
+            "marginal_kl": balance,
         }
         return loss, metrics
 
