@@ -1,3 +1,0 @@
-"""vaelab: an experiment framework for variational autoencoders."""
-
-__version__ = "0.1.0"
