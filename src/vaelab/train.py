@@ -61,11 +61,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model, then test the best checkpoint; return every logged metric, with
     ``optimized_metric`` at the best checkpoint's value. The run directory must be this run's
     alone (``run_directory``)."""
-    with run_directory(cfg.paths.output_dir, resume_path(cfg)), signal_exit_status(Path(cfg.paths.output_dir) / "checkpoints"):
-        return _train(cfg)
+    ckpt_path = resume_path(cfg)
+    with run_directory(cfg.paths.output_dir, ckpt_path), signal_exit_status(Path(cfg.paths.output_dir) / "checkpoints"):
+        return _train(cfg, ckpt_path)
 
 
-def _train(cfg: DictConfig) -> dict[str, float]:
+def _train(cfg: DictConfig, ckpt_path: str | None) -> dict[str, float]:
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     if cfg.trainer.get("gradient_clip_val") or cfg.trainer.get("accumulate_grad_batches", 1) != 1:
@@ -85,7 +86,6 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             "best checkpoint) is measured on it: set data.val_size > 0 (the default holds out 10000)."
         )
     apply_extras(cfg)
-    ckpt_path = resume_path(cfg)
     if ckpt_path:
         check_checkpoint(ckpt_path, model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
