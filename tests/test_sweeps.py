@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import subprocess
 
+import optuna
 import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from optuna.trial import TrialState
 
+from vaelab.search import search_space
 from vaelab.utils import CONFIG_DIR
 from conftest import REPO_ROOT, run_script
 
@@ -61,20 +64,61 @@ def test_a_restarted_cluster_job_resumes_from_its_last_checkpoint(mnist_dir, tmp
     assert (checkpoint["epoch"], checkpoint["global_step"]) == (1, 10)
 
 
-@pytest.mark.slow
-def test_optuna_search_runs_trials_and_resumes_from_its_storage(mnist_dir, tmp_path):
-    storage = f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db"
-    common = ["hparams_search=ssvae_optuna", f"paths.data_dir={mnist_dir}", f"paths.log_dir={tmp_path}", *LIMITS, storage]
-    for _ in range(2):  # 2 trials, then 1 more in the same study
-        result = run_train(*common, f"hydra.sweeper.n_trials={2 if _ == 0 else 1}")
-        assert result.returncode == 0, result.stderr[-3000:]
-    import optuna
+def test_search_space_is_written_in_hydra_override_syntax():
+    space, fixed = search_space([
+        "lit.optimizer.lr=tag(log, interval(1e-4, 1e-2))", "model.z_dim=choice(8, 16)", "data.batch_size=range(32, 129, 32)",
+        "lit.alpha=interval(1, 100)", "data.labeled_batch_size=tag(log, int(interval(2, 64)))", "trainer.max_epochs=3",
+    ])
+    assert space == {
+        "lit.optimizer.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+        "model.z_dim": optuna.distributions.CategoricalDistribution([8, 16]),
+        "data.batch_size": optuna.distributions.IntDistribution(32, 128, step=32),
+        "lit.alpha": optuna.distributions.FloatDistribution(1, 100),  # Hydra's intervals are floats...
+        "data.labeled_batch_size": optuna.distributions.IntDistribution(2, 64, log=True),  # ...unless cast
+    }
+    assert fixed == ["trainer.max_epochs=3"]
+    with pytest.raises(ValueError, match="takes choice"):
+        search_space(["data.batch_size=shuffle(range(32, 129, 32))"])
 
-    study = optuna.load_study(study_name="ssvae_optuna", storage=f"sqlite:///{tmp_path}/study.db")
-    values = [trial.value for trial in study.trials]
-    assert len(values) == 3 and all(0 <= v <= 1 for v in values)  # val/acc of each trial
+
+def test_the_search_direction_follows_the_metric():
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        for metric, direction in (("val/acc", "maximize"), ("val/bpd", "minimize")):
+            cfg = compose(config_name="train", overrides=["hparams_search=ssvae_optuna", f"optimized_metric={metric}"], return_hydra_config=True)
+            assert cfg.hydra.sweeper.direction == direction
+            assert cfg.hydra.sweeper._target_ == "hydra_plugins.vaelab_optuna.OptunaSweeper"
+
+
+@pytest.mark.slow
+def test_optuna_search_records_failures_prunes_and_resumes_from_its_storage(mnist_dir, tmp_path):
+    storage = f"sqlite:///{tmp_path}/study.db"
+    common = ["-m", "hydra/sweeper=optuna", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=s",
+              f"paths.data_dir={mnist_dir}", f"paths.log_dir={tmp_path}", *LIMITS]
+    # a diverging trial (lr 1e30: the loss is NaN on the second step) fails; the search goes on
+    first = run_train(*common, "hydra.sweeper.n_trials=2", "hydra.sweeper.pruner=null",
+                      "hydra.sweeper.sampler._target_=optuna.samplers.BruteForceSampler", "lit.optimizer.lr=choice(0.001, 1e30)")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "failed, the search goes on: FloatingPointError" in first.stdout + first.stderr
+    # the same storage again: one more trial in the same study, pruned at its first validation
+    again = run_train(*common, "hydra.sweeper.n_trials=1", "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
+                      "~hydra.sweeper.pruner.n_startup_trials", "~hydra.sweeper.pruner.n_warmup_steps",
+                      "+hydra.sweeper.pruner.lower=0.0", "model.z_dim=choice(4, 8)")
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    states = {t.params["lit.optimizer.lr"]: t.state for t in trials[:2]}  # both values, each once
+    assert states == {0.001: TrialState.COMPLETE, 1e30: TrialState.FAIL}
+    assert "FloatingPointError" in next(t for t in trials if t.state == TrialState.FAIL).user_attrs["error"]
+    assert len(trials) == 3 and trials[2].state == TrialState.PRUNED
+    assert list(trials[2].intermediate_values) == [3]  # val/elbo reported after the 3 training steps, then pruned
+    completed = next(t for t in trials if t.state == TrialState.COMPLETE)
+    assert -1000 < completed.value < 0  # val/elbo of the best checkpoint
     results = sorted(tmp_path.glob("train/multiruns/*/optimization_results.yaml"))
-    assert OmegaConf.load(results[-1]).best_value == pytest.approx(max(values))
+    assert OmegaConf.load(results[-1]).best_value == pytest.approx(completed.value)
+    assert OmegaConf.load(results[-1]).trials == {"pruned": 1}
+    # a space that the study searched otherwise is refused before any trial runs
+    other = run_train(*common, "hydra.sweeper.n_trials=1", "lit.optimizer.lr=tag(log, interval(1e-4, 1e-3))")
+    assert other.returncode == 1 and "start a new study with hydra.sweeper.study_name" in other.stderr
+    assert len(optuna.load_study(study_name="s", storage=storage).trials) == 3
 
 
 def test_wandb_sweep_parameters_are_valid_overrides():

@@ -89,6 +89,9 @@ def _train(cfg: DictConfig, ckpt_path: str | None) -> dict[str, float]:
     if ckpt_path:
         check_checkpoint(ckpt_path, model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    if "vaelab.search" in sys.modules:  # a trial of an Optuna search reports to its study
+        pruning = sys.modules["vaelab.search"].pruning_callback(cfg.optimized_metric)
+        callbacks += [pruning] if pruning else []
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
