@@ -92,7 +92,7 @@ def _train(cfg: DictConfig, ckpt_path: str | None) -> dict[str, float]:
     if "vaelab.search" in sys.modules:  # a trial of an Optuna search reports to its study
         pruning = sys.modules["vaelab.search"].pruning_callback(cfg.optimized_metric)
         callbacks += [pruning] if pruning else []
-    loggers = instantiate_loggers(cfg.get("logger"))
+    loggers = instantiate_loggers(cfg.get("logger"), resume_from=ckpt_path)
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
     )

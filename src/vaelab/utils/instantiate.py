@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.loggers import Logger
+from pytorch_lightning.utilities import rank_zero_only
 
-from vaelab.utils.wandb import resolve_wandb_mode
+from vaelab.utils.wandb import resolve_wandb_mode, store_wandb_run_id, summarise_best, wandb_run_id
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +44,32 @@ def _set_wandb_mode(entry: DictConfig, mode: str, reason: str) -> None:
         )
 
 
-def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
+def _sweep_name() -> str | None:
+    """The name of the multirun this job belongs to (its sweep directory), if any."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(HydraConfig.get().sweep.dir).name
+
+
+def _set_wandb_run(entry: DictConfig, resume_from: str | None) -> None:
+    """One W&B run per run directory: a resumed run continues the W&B run of the directory (or
+    of the checkpoint) it resumes from; the jobs of a multirun share a group."""
+    with open_dict(entry):
+        if not entry.get("id"):
+            entry.id, exists = wandb_run_id(entry.save_dir, resume_from)
+            if exists:
+                entry.resume = "allow"
+                log.info("W&B: continuing run %s", entry.id)
+        if not entry.get("group"):
+            entry.group = _sweep_name()
+    if rank_zero_only.rank == 0:
+        store_wandb_run_id(entry.save_dir, entry.id)
+
+
+def instantiate_loggers(cfg: DictConfig | None, resume_from: str | None = None) -> list[Logger]:
     """Instantiate every logger. A W&B logger with ``mode: null`` gets its mode resolved; an
-    online one starts its run now and, when the server cannot be reached, logs offline instead."""
+    online one starts its run now and, when the server cannot be reached, logs offline instead.
+    ``resume_from``: the checkpoint the run resumes from, whose W&B run it continues."""
     if not cfg:
         return []
     loggers = []
@@ -51,6 +79,7 @@ def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
         if not _is_wandb(entry):
             loggers.append(hydra.utils.instantiate(entry))
             continue
+        _set_wandb_run(entry, resume_from)
         requested = entry.get("mode") or os.environ.get("WANDB_MODE")
         _set_wandb_mode(entry, resolve_wandb_mode(entry.get("mode")), "as configured" if requested else "no W&B credentials found")
         logger = hydra.utils.instantiate(entry)
@@ -59,7 +88,10 @@ def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
                 logger.experiment  # noqa: B018  (starts the run)
             except Exception as error:  # wandb raises CommError, UsageError, TimeoutError ...
                 _set_wandb_mode(entry, "offline", f"the online run could not start: {type(error).__name__}: {error}")
+                sys.modules["wandb"].teardown()  # its service still holds the run id of the failed start
                 logger = hydra.utils.instantiate(entry)
+        if entry.mode != "disabled":
+            summarise_best(logger.experiment)
         loggers.append(logger)
     return loggers
 

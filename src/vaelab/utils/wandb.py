@@ -1,13 +1,17 @@
-"""Weights & Biases mode: online when credentials exist, otherwise offline (sync later)."""
+"""Weights & Biases: the mode (online when credentials exist, otherwise offline, to sync later),
+one W&B run per run directory (a resumed run continues it) and best-value summaries."""
 
 from __future__ import annotations
 
 import netrc
 import os
+import secrets
+import string
 from pathlib import Path
 from urllib.parse import urlparse
 
 MODES = ("online", "offline", "disabled")
+RUN_ID = Path("wandb") / "run_id"  # in a run directory: the W&B run it logs to
 
 
 def wandb_host() -> str | None:
@@ -42,3 +46,34 @@ def resolve_wandb_mode(mode: str | None) -> str:
     if mode not in MODES:
         raise ValueError(f"logger.wandb.mode={mode!r} is not one of {', '.join(MODES)} (or null for automatic).")
     return mode
+
+
+def wandb_run_id(save_dir: str | Path, resume_from: str | None = None) -> tuple[str, bool]:
+    """The id of the W&B run that a run writing to ``save_dir`` logs to, and whether that run
+    exists already: the id stored in ``save_dir`` (a run resumed in place, a requeued job), else
+    the one stored beside the checkpoint it resumes from (``<run>/checkpoints/<file>``), else a
+    new id."""
+    candidates = [Path(save_dir)]
+    if resume_from and "://" not in str(resume_from):
+        candidates.append(Path(resume_from).resolve().parent.parent)
+    for run_dir in candidates:
+        if (run_dir / RUN_ID).is_file():
+            return (run_dir / RUN_ID).read_text().strip(), True
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8)), False
+
+
+def store_wandb_run_id(save_dir: str | Path, run_id: str) -> None:
+    """Write ``run_id`` into the run directory, for a resumed run to find."""
+    path = Path(save_dir) / RUN_ID
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+
+
+def summarise_best(experiment) -> None:
+    """Make the W&B summary of each validation metric its best value, not its last: the highest
+    bound or accuracy, the lowest bits/dim or loss (``vaelab.metrics``)."""
+    from vaelab.metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER
+
+    for names, summary in ((HIGHER_IS_BETTER, "max"), (LOWER_IS_BETTER, "min")):
+        for name in sorted(names):
+            experiment.define_metric(f"val/{name}", summary=summary)
