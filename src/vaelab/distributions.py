@@ -21,6 +21,13 @@ def diag_gaussian(mu: torch.Tensor, logvar: torch.Tensor) -> Independent:
     return Independent(Normal(mu, torch.exp(0.5 * logvar), validate_args=False), 1)
 
 
+def stopped(qz: Independent) -> Independent:
+    """The same diagonal Gaussian with its parameters cut from the graph: log-densities of it
+    pass gradient to the points they are evaluated at, not to the parameters."""
+    base = qz.base_dist
+    return Independent(Normal(base.loc.detach(), base.scale.detach(), validate_args=False), qz.reinterpreted_batch_ndims)
+
+
 def standard_normal(like: torch.Tensor) -> Independent:
     """p(z) = N(0, I) with the shape of ``like`` (batch x z_dim)."""
     zero = torch.zeros_like(like)

@@ -13,7 +13,7 @@ import math
 import torch
 from torch.distributions import Categorical, Distribution, Independent
 
-from vaelab.distributions import standard_normal
+from vaelab.distributions import standard_normal, stopped
 
 
 def kl_to_prior(qz: Independent) -> torch.Tensor:
@@ -65,9 +65,24 @@ def marginal_kl(qy_logits: torch.Tensor, log_py: float) -> torch.Tensor:
     return (marginal * (marginal.clamp_min(torch.finfo(marginal.dtype).tiny).log() - log_py)).sum()
 
 
-def log_importance_weight(x: torch.Tensor, px: Distribution, qz: Independent, z: torch.Tensor) -> torch.Tensor:
-    """log w = log p(x|z) + log p(z) - log q(z|x) for samples z ~ q(z|x) of any leading shape."""
-    return px.log_prob(x) + standard_normal(z).log_prob(z) - qz.log_prob(z)
+def log_importance_weight(
+    x: torch.Tensor, px: Distribution, qz: Independent, z: torch.Tensor, dreg: bool = False
+) -> torch.Tensor:
+    """log w = log p(x|z) + log p(z) - log q(z|x) for samples z ~ q(z|x) of any leading shape
+    (the first is the sample dimension).
+
+    ``dreg``: the doubly reparameterized estimator (Tucker et al. 2019, eq. 5) of the gradient of
+    L_k = log (1/k) sum_i w_i. q(z|x)'s parameters are stopped in log q, so they receive gradient
+    only through z_i, and that gradient is scaled by the normalised weight w~_i: trained with
+    ``dreg_surrogate``, the encoder gets sum_i w~_i^2 d log w_i/d z_i dz_i/dphi and the decoder
+    the IWAE gradient sum_i w~_i grad log w_i."""
+    if not dreg:
+        return px.log_prob(x) + standard_normal(z).log_prob(z) - qz.log_prob(z)
+    log_w = px.log_prob(x) + standard_normal(z).log_prob(z) - stopped(qz).log_prob(z)
+    if z.requires_grad:
+        normalised = torch.softmax(log_w.detach(), dim=0)
+        z.register_hook(lambda grad: grad * normalised.reshape(*normalised.shape, *[1] * (grad.dim() - normalised.dim())))
+    return log_w
 
 
 def iwae_bound(log_weights: torch.Tensor) -> torch.Tensor:
@@ -75,6 +90,14 @@ def iwae_bound(log_weights: torch.Tensor) -> torch.Tensor:
     L_k(x) = log (1/k) sum_i w_i, from log_weights (k, B) of k samples z_i ~ q(z|x), via
     logsumexp. E[L_1] is the ELBO, E[L_k] grows with k and tends to log p(x)."""
     return torch.logsumexp(log_weights, dim=0) - math.log(log_weights.shape[0])
+
+
+def dreg_surrogate(log_weights: torch.Tensor) -> torch.Tensor:
+    """sum_i w~_i log w_i, per example, with the normalised weights w~ = softmax(log w) held
+    fixed: with log weights from ``log_importance_weight(..., dreg=True)`` its gradient is the
+    doubly reparameterized estimate of the gradient of L_k (Tucker et al. 2019). Its value is not
+    a bound; ``iwae_bound`` of the same log weights is."""
+    return (torch.softmax(log_weights.detach(), dim=0) * log_weights).sum(0)
 
 
 def bits_per_dim(log_likelihood: torch.Tensor, dims: int) -> torch.Tensor:

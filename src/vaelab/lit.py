@@ -15,7 +15,7 @@ from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from vaelab.elbo import bits_per_dim, iwae_bound, marginal_kl
+from vaelab.elbo import bits_per_dim, dreg_surrogate, iwae_bound, marginal_kl
 from vaelab.models.base import LatentModel
 from vaelab.utils.checkpoint import upgrade_state_dict
 
@@ -31,6 +31,27 @@ def model_name(model: LatentModel) -> str:
     return "vae" if model.num_classes is None else "cvae"
 
 
+OBJECTIVES = ("elbo", "iwae")
+ESTIMATORS = ("standard", "dreg")
+
+
+def check_objective(model: LatentModel, objective: str, k: int, estimator: str) -> None:
+    """Refuse a training objective the model does not support, or options it would ignore."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"lit.objective={objective!r} must be one of {', '.join(OBJECTIVES)}.")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"lit.estimator={estimator!r} must be one of {', '.join(ESTIMATORS)}.")
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"lit.k must be a positive integer (importance samples per example), got {k}.")
+    if objective == "elbo" and (k != 1 or estimator != "standard"):
+        raise ValueError(f"lit.k={k} and lit.estimator={estimator} apply to lit.objective=iwae; set it, or leave them at 1 and standard.")
+    if objective == "iwae" and model.has_classifier:
+        raise ValueError(
+            "lit.objective=iwae trains the VAE and CVAE; M2's unlabeled bound sums over the classes and is "
+            "trained as the ELBO (lit.objective=elbo). M2's importance-weighted bound is still measured at test time (eval.iwae_k)."
+        )
+
+
 LR_SCHEDULES: dict[str, Callable[[float], float]] = {
     "constant": lambda spent: 1.0,
     "cosine": lambda spent: 0.5 * (1 + math.cos(math.pi * spent)),  # Loshchilov & Hutter 2017, no restarts
@@ -41,6 +62,9 @@ class LitModel(pl.LightningModule):
     """Trains ``model`` by maximising its bound:
 
     - plain batches (x, y): mean ELBO of the model (the CVAE's bound on log p(x|y) with the true y);
+      or, with ``objective="iwae"``, the importance-weighted bound L_k with ``k`` samples
+      (Burda et al. 2016), its gradient estimated as usual (``estimator="standard"``) or doubly
+      reparameterized (``"dreg"``, Tucker et al. 2019), for the VAE and CVAE;
     - semi-supervised batches ``{"labeled": (x, y), "unlabeled": (x, -1)}`` for models with a
       classifier (M2), Kingma et al. 2014, eq. 9, from one batch of each part:
           w_lab mean_lab [L(x,y) - alpha CE(q(y|x), y)] + w_unlab mean_unlab U(x)
@@ -59,6 +83,8 @@ class LitModel(pl.LightningModule):
     ``accumulate_grad_batches`` as options; ``compile=True`` compiles ``objective``.
     ``lr_schedule="cosine"`` anneals every learning rate from its configured value to zero over
     the training budget (see ``budget_spent``); ``"constant"`` keeps it.
+    ``kl_warmup_steps`` > 0 weighs the KL term by beta = step / kl_warmup_steps until it reaches 1
+    (deterministic warm-up, Sonderby et al. 2016), in every bound trained with the ELBO.
     ``iwae_k`` > 0 adds the k-sample importance-weighted bound to the test metrics, drawn in passes
     of at most ``iwae_rows`` decoder rows.
     """
@@ -75,6 +101,10 @@ class LitModel(pl.LightningModule):
         accumulate_grad_batches: int = 1,
         compile: bool = False,
         lr_schedule: str = "constant",
+        objective: str = "elbo",
+        k: int = 1,
+        estimator: str = "standard",
+        kl_warmup_steps: int = 0,
         iwae_k: int = 0,
         iwae_rows: int = 20_000,
         binary: bool | None = None,
@@ -98,6 +128,9 @@ class LitModel(pl.LightningModule):
             raise ValueError(f"lit.lr_schedule={lr_schedule!r} must be one of {', '.join(LR_SCHEDULES)}.")
         if not (isinstance(iwae_k, int) and iwae_k >= 0):
             raise ValueError(f"eval.iwae_k must be a non-negative integer, got {iwae_k}.")
+        check_objective(model, objective, k, estimator)
+        if not (isinstance(kl_warmup_steps, int) and kl_warmup_steps >= 0):
+            raise ValueError(f"lit.kl_warmup_steps must be a non-negative integer (0: no warm-up), got {kl_warmup_steps}.")
         check_likelihood(model, binary)
         if optimizer is not None:
             try:  # the optimizer checks its settings when it is built: build one now, on a stand-in
@@ -115,6 +148,8 @@ class LitModel(pl.LightningModule):
         self.gradient_clip_val, self.accumulate_grad_batches = gradient_clip_val, accumulate_grad_batches
         self.compile_objective = compile
         self.lr_schedule = lr_schedule
+        self.objective_name, self.k, self.estimator = objective, k, estimator
+        self.kl_warmup_steps = kl_warmup_steps
         self._configured_groups: list[dict] = []  # the optimizer's settings as configured
         self._checkpoint_groups: list[dict] | None = None  # ... and as configured for a resumed run
         self.iwae_k, self.iwae_rows = iwae_k, iwae_rows
@@ -123,7 +158,8 @@ class LitModel(pl.LightningModule):
         self.save_hyperparameters(
             {"model": model_name(model), "alpha": alpha, "weighting": weighting, "unlabeled_weight": unlabeled_weight,
              "class_balance": class_balance,
-             "gradient_clip_val": gradient_clip_val, "lr_schedule": lr_schedule,
+             "gradient_clip_val": gradient_clip_val, "lr_schedule": lr_schedule, "objective": objective, "k": k,
+             "estimator": estimator, "kl_warmup_steps": kl_warmup_steps,
              "accumulate_grad_batches": accumulate_grad_batches, "labeled": labeled, "train_size": train_size}
         )
         if model.has_classifier:
@@ -190,23 +226,48 @@ class LitModel(pl.LightningModule):
         if isinstance(batch, dict):
             return self.semi_supervised_objective(batch["labeled"], batch["unlabeled"])
         x, y = batch
+        if self.objective_name == "iwae":
+            return self.importance_weighted_objective(x, y)
         terms = self.model.bound(x, y)
         metrics = {name: value.mean() for name, value in terms.as_dict().items()}
+        if self.kl_warmup_steps:
+            metrics["kl_weight"] = torch.tensor(self.kl_weight())
+            return -self.warmed(terms).mean(), metrics
         return -metrics[terms.name], metrics
+
+    def importance_weighted_objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Maximise L_k = log (1/k) sum_i w_i (Burda et al. 2016, eq. 8) over k samples drawn in
+        one batched pass; logs L_k (``iwae``) and the ELBO estimated by the same samples (the mean
+        of log w_i), so that runs with other objectives compare."""
+        dreg = self.estimator == "dreg"
+        log_w = self.model.log_weights(x, y, self.k, dreg=dreg)
+        bound = iwae_bound(log_w)
+        given_y = "_given_y" if self.model.num_classes is not None else ""
+        metrics = {f"iwae{given_y}": bound.mean(), f"elbo{given_y}": log_w.mean()}
+        return -(dreg_surrogate(log_w) if dreg else bound).mean(), metrics
+
+    def kl_weight(self) -> float:
+        """beta of the KL warm-up at this step: step / kl_warmup_steps, at most 1."""
+        return min(1.0, self.global_step / self.kl_warmup_steps) if self.kl_warmup_steps else 1.0
+
+    def warmed(self, terms) -> torch.Tensor:
+        """The bound with its KL term weighed by ``kl_weight``: elbo + (1 - beta) KL."""
+        return terms.elbo + (1 - self.kl_weight()) * terms.kl
 
     def semi_supervised_objective(self, labeled, unlabeled) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Kingma et al. 2014, eq. 9, with each part averaged over its batch (see the class)."""
         (x_lab, y_lab), (x_unlab, _) = labeled, unlabeled
         lab = self.model.bound(x_lab, y_lab)
+        lab_bound = self.warmed(lab).mean()
         w_lab, w_unlab = (self.labeled_share, 1 - self.labeled_share) if self.weighting == "data" else (1, 1)
         if not self.unlabeled_weight:  # the supervised baseline
             ce = F.cross_entropy(self.model.classify(x_lab), y_lab)
-            loss = -w_lab * (lab.elbo.mean() - self.alpha * ce)
+            loss = -w_lab * (lab_bound - self.alpha * ce)
             return loss, {"loss": loss, "elbo_labeled": lab.elbo.mean(), "ce": ce}
         logits = self.model.classify(torch.cat([x_lab, x_unlab]))
         unlab = self.model.bound(x_unlab, qy_logits=logits[len(x_lab):])
         ce = F.cross_entropy(logits[: len(x_lab)], y_lab)
-        loss = -(w_lab * (lab.elbo.mean() - self.alpha * ce) + self.unlabeled_weight * w_unlab * unlab.elbo.mean())
+        loss = -(w_lab * (lab_bound - self.alpha * ce) + self.unlabeled_weight * w_unlab * self.warmed(unlab).mean())
         balance = marginal_kl(logits[len(x_lab):], -math.log(self.model.num_classes))  # uniform p(y)
         if self.class_balance:
             loss = loss + self.class_balance * balance
@@ -220,6 +281,8 @@ class LitModel(pl.LightningModule):
             "entropy": unlab.extras["entropy"].mean(),
             "marginal_kl": balance,
         }
+        if self.kl_warmup_steps:
+            metrics["kl_weight"] = torch.tensor(self.kl_weight())
         return loss, metrics
 
     # -- training ------------------------------------------------------------------------

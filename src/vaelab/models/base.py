@@ -46,8 +46,9 @@ class LatentModel(nn.Module, ABC):
 
     - ``encode(x, y=None)`` -> q(z|x[,y]) and ``decode(z, y=None)`` -> p(x|z[,y]), distributions;
     - ``bound(x, y=None)`` -> ``Terms``: the bound that training maximises, per example;
-    - ``log_weights(x, y, k)`` -> (k, B) reparameterized log importance weights
-      log p(x, z_i) - log q(z_i|x) (``vaelab.elbo.iwae_bound`` turns them into L_k);
+    - ``log_weights(x, y, k, dreg=False)`` -> (k, B) reparameterized log importance weights
+      log p(x, z_i) - log q(z_i|x) (``vaelab.elbo.iwae_bound`` turns them into L_k; ``dreg``
+      prepares them for the doubly reparameterized gradient, ``vaelab.elbo.dreg_surrogate``);
     - ``sample(n, y=None)`` and ``reconstruct(x, y=None)`` -> mean images;
     - ``classify(x)`` -> logits of q(y|x), for models with a classifier (``has_classifier``).
     """
@@ -69,7 +70,7 @@ class LatentModel(nn.Module, ABC):
     def bound(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Terms: ...
 
     @abstractmethod
-    def log_weights(self, x: torch.Tensor, y: torch.Tensor | None, k: int) -> torch.Tensor: ...
+    def log_weights(self, x: torch.Tensor, y: torch.Tensor | None, k: int, dreg: bool = False) -> torch.Tensor: ...
 
     @abstractmethod
     def sample(self, n: int, y: int | torch.Tensor | None = None) -> torch.Tensor: ...

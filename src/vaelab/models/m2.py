@@ -76,10 +76,13 @@ class M2(LatentModel):
         terms = unlabeled_bound(per_class, self.classify(x) if qy_logits is None else qy_logits)
         return Terms(terms.pop("elbo"), terms.pop("recon"), terms.pop("kl"), extras=terms)
 
-    def log_weights(self, x: torch.Tensor, y: torch.Tensor | None, k: int) -> torch.Tensor:
+    def log_weights(self, x: torch.Tensor, y: torch.Tensor | None, k: int, dreg: bool = False) -> torch.Tensor:
         """log w_i = log sum_y p(y) p(x, z_iy | y) / q(z_iy | x, y), z_iy ~ q(z|x,y) for every
         class: k importance weights (k, B) whose mean estimates p(x) with y summed out exactly,
-        so the importance-weighted bound bounds log p(x). ``y`` (labels) is not used."""
+        so the importance-weighted bound bounds log p(x). ``y`` (labels) is not used; ``dreg`` is
+        not defined for these class-summed weights."""
+        if dreg:
+            raise ValueError("M2's importance weights sum over the classes: the DReG estimator is not defined for them.")
         qz, classes = self.every_class(x)
         z = qz.rsample((k,))  # (k, K, B, z)
         per_class = log_importance_weight(x, self.vae.decode(z, classes.expand(k, -1, -1)), qz, z)

@@ -68,13 +68,14 @@ class VAE(LatentModel):
         qz = self.encode(x, y)
         return Terms(**elbo_terms(x, self.decode(qz.rsample(), y), qz), given_y=self.num_classes is not None)
 
-    def log_weights(self, x: torch.Tensor, y: torch.Tensor | None, k: int) -> torch.Tensor:
+    def log_weights(self, x: torch.Tensor, y: torch.Tensor | None, k: int, dreg: bool = False) -> torch.Tensor:
         """log p(x, z_i [| y]) - log q(z_i | x [, y]) for k draws z_i ~ q(z|x[,y]), shape (k, B);
-        for the CVAE the importance-weighted bound bounds log p(x|y), the class given."""
+        for the CVAE the importance-weighted bound bounds log p(x|y), the class given. ``dreg``:
+        for the doubly reparameterized gradient (``vaelab.elbo.log_importance_weight``)."""
         qz = self.encode(x, y)
         z = qz.rsample((k,))
         classes = None if self.num_classes is None else self._class(y, x).expand(k, -1)
-        return log_importance_weight(x, self.decode(z, classes), qz, z)
+        return log_importance_weight(x, self.decode(z, classes), qz, z, dreg=dreg)
 
     @torch.no_grad()
     def sample(self, n: int, y: int | torch.Tensor | None = None) -> torch.Tensor:
