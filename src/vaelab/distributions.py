@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from torch.distributions import Bernoulli, Distribution, Independent, Normal, constraints
+from torch.distributions import Bernoulli, Distribution, Independent, Normal, Transform, constraints
 
 LEVELS = 256  # values of an 8-bit pixel
 MIN_LOG_SCALE = -8.0  # keeps learned scales above ~1/12 of a pixel level
@@ -21,9 +21,42 @@ def diag_gaussian(mu: torch.Tensor, logvar: torch.Tensor) -> Independent:
     return Independent(Normal(mu, torch.exp(0.5 * logvar), validate_args=False), 1)
 
 
+class PlanarTransform(Transform):
+    """f(z) = z + u^ tanh(w^T z + b) (Rezende & Mohamed 2015, eq. 10), with
+    log |det df/dz| = log |1 + u^T psi(z)|, psi(z) = (1 - tanh^2(w^T z + b)) w (eq. 11-12).
+    u is replaced by u^ = u + (m(w^T u) - w^T u) w / |w|^2, m(a) = -1 + softplus(a), which makes
+    w^T u^ >= -1 and the map invertible (their appendix A). Parameters u, w (..., D) and b
+    (..., 1) may differ per example. There is no closed-form inverse: log-densities are known
+    at the points the map produced last (``cache_size=1``)."""
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, u: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> None:
+        super().__init__(cache_size=1)
+        wu = (w * u).sum(-1, keepdim=True)
+        self.u = u + (F.softplus(wu) - 1 - wu) * w / w.square().sum(-1, keepdim=True).clamp_min(1e-12)
+        self.w, self.b = w, b
+
+    def _call(self, z: torch.Tensor) -> torch.Tensor:
+        return z + self.u * torch.tanh((z * self.w).sum(-1, keepdim=True) + self.b)
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(
+            "A planar flow has no closed-form inverse: its log-density is known only at the samples it just drew."
+        )
+
+    def log_abs_det_jacobian(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        slope = 1 - torch.tanh((z * self.w).sum(-1, keepdim=True) + self.b).square()
+        return torch.log((1 + slope * (self.u * self.w).sum(-1, keepdim=True)).abs().clamp_min(1e-12).squeeze(-1))
+
+
 def stopped(qz: Independent) -> Independent:
     """The same diagonal Gaussian with its parameters cut from the graph: log-densities of it
     pass gradient to the points they are evaluated at, not to the parameters."""
+    if not (isinstance(qz, Independent) and isinstance(qz.base_dist, Normal)):
+        raise ValueError("The DReG estimator (lit.estimator=dreg) needs the Gaussian posterior (posterior=gaussian).")
     base = qz.base_dist
     return Independent(Normal(base.loc.detach(), base.scale.detach(), validate_args=False), qz.reinterpreted_batch_ndims)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributions import Categorical, Distribution, Independent
+from torch.distributions import Categorical, Distribution, Independent, Normal
 
 from vaelab.distributions import standard_normal, stopped
 
@@ -23,14 +23,26 @@ def kl_to_prior(qz: Independent) -> torch.Tensor:
     return (0.5 * (mu.square() + sigma.square() - 1) - sigma.log()).sum(-1)
 
 
-def elbo_terms(x: torch.Tensor, px: Distribution, qz: Independent) -> dict[str, torch.Tensor]:
+def kl_term(qz: Distribution, z: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(q(z|x) || p(z)) per example: in closed form for a diagonal Gaussian (``kl_to_prior``);
+    for any other posterior (a flow) the single-sample estimate log q(z|x) - log p(z) at the
+    z ~ q(z|x) that the bound decodes."""
+    if isinstance(qz, Independent) and isinstance(qz.base_dist, Normal):
+        return kl_to_prior(qz)
+    if z is None:
+        raise ValueError(f"The KL of a {type(qz).__name__} posterior is estimated at a sample: pass z.")
+    return qz.log_prob(z) - standard_normal(z).log_prob(z)
+
+
+def elbo_terms(x: torch.Tensor, px: Distribution, qz: Distribution, z: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Single-sample ELBO  L(x) = E_q(z|x)[log p(x|z)] - KL(q(z|x) || p(z))  per example.
 
-    ``px`` is the decoder's distribution at a reparameterized z ~ q(z|x); returns
-    ``recon`` = log p(x|z), ``kl`` and ``elbo`` = recon - kl, each of shape (batch,).
+    ``px`` is the decoder's distribution at a reparameterized z ~ q(z|x) (``z``: needed for
+    posteriors without a closed-form KL, see ``kl_term``); returns ``recon`` = log p(x|z),
+    ``kl`` and ``elbo`` = recon - kl, each of shape (batch,).
     """
     recon = px.log_prob(x)
-    kl = kl_to_prior(qz)
+    kl = kl_term(qz, z)
     return {"elbo": recon - kl, "recon": recon, "kl": kl}
 
 

@@ -45,6 +45,9 @@ def check_objective(model: LatentModel, objective: str, k: int, estimator: str) 
         raise ValueError(f"lit.k must be a positive integer (importance samples per example), got {k}.")
     if objective == "elbo" and (k != 1 or estimator != "standard"):
         raise ValueError(f"lit.k={k} and lit.estimator={estimator} apply to lit.objective=iwae; set it, or leave them at 1 and standard.")
+    posterior = getattr(model, "posterior", None)
+    if estimator == "dreg" and posterior is not None and not posterior.is_gaussian:
+        raise ValueError(f"lit.estimator=dreg needs the Gaussian posterior; posterior={posterior.type} has no stopped-parameter density here.")
     if objective == "iwae" and model.has_classifier:
         raise ValueError(
             "lit.objective=iwae trains the VAE and CVAE; M2's unlabeled bound sums over the classes and is "

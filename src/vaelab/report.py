@@ -10,6 +10,7 @@ from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torchvision.utils import save_image
 
 from vaelab.models import LatentModel
+from vaelab.posteriors import posterior_point
 from vaelab.viz import analogy_grid, image_grid, normal_quantile_grid, reconstruction_grid, table_grid
 
 
@@ -40,7 +41,7 @@ def model_figures(
     figures["classes"] = table_grid(table)
     figures["styles"] = table_grid(table.transpose(0, 1))
     originals, known = x[:n_styles], y[:n_styles]
-    style = model.encode(originals, known).mean  # z of each image, given its class
+    style = posterior_point(model.encode(originals, known))  # z of each image, given its class
     every = torch.arange(classes, device=device)
     decoded = model.decode(style.unsqueeze(1).expand(-1, classes, -1), every.expand(len(style), -1)).mean
     figures["analogies"] = analogy_grid(originals, decoded)
@@ -49,8 +50,9 @@ def model_figures(
 
 @torch.no_grad()
 def latent_codes(model: LatentModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Posterior means E[q(z|x)] (E[q(z|x,y)] with the true class for conditional models)."""
-    return model.encode(x, y).mean
+    """Posterior means E[q(z|x)] (E[q(z|x,y)] with the true class for conditional models; for a
+    flow posterior its base mean mapped through the flow)."""
+    return posterior_point(model.encode(x, y))
 
 
 def save_figures(figures: dict[str, torch.Tensor], out_dir: Path, loggers, step: int, suffix: str = "") -> None:

@@ -35,8 +35,12 @@ class M2(LatentModel):
         net: Mapping | None = None,
         likelihood: str | Mapping | None = None,
         classifier_net: Mapping | None = None,
+        posterior: str | Mapping | None = None,
     ) -> None:
         super().__init__()
+        kind = posterior if posterior is None or isinstance(posterior, str) else posterior.get("type")
+        if kind not in (None, "gaussian"):
+            raise ValueError(f"M2 takes the Gaussian q(z|x,y) (posterior=gaussian); posterior={kind} is for the VAE and CVAE.")
         self.vae = VAE(input_shape, z_dim, num_classes, net, likelihood)
         self.input_shape, self.z_dim, self.num_classes = self.vae.input_shape, z_dim, num_classes
         self.likelihood = self.vae.likelihood

@@ -2,7 +2,8 @@
 is given (the CVAE):
 
     z ~ p(z) = N(0, I),   x ~ p(x | z [, y])              (generative model)
-    q(z | x [, y]) = N(mu(x [, y]), diag sigma^2(x [, y]))  (inference network)
+    q(z | x [, y]) = N(mu(x [, y]), diag sigma^2(x [, y]))  (inference network; or that Gaussian
+                     pushed through a normalizing flow, ``posterior=planar|iaf``)
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from vaelab.distributions import Likelihood, diag_gaussian
+from vaelab.distributions import Likelihood
 from vaelab.elbo import elbo_terms, log_importance_weight
 from vaelab.models.base import LatentModel, Terms
 from vaelab.nets import Decoder, Encoder
+from vaelab.posteriors import Posterior, posterior_point
 
 
 class VAE(LatentModel):
@@ -30,6 +32,7 @@ class VAE(LatentModel):
         num_classes: int | None = None,
         net: Mapping | None = None,
         likelihood: str | Mapping | None = None,
+        posterior: str | Mapping | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(z_dim, int) or z_dim <= 0:
@@ -38,7 +41,8 @@ class VAE(LatentModel):
         self.likelihood = Likelihood.from_spec(likelihood)
         channels, *size = self.input_shape
         decoder_shape = (self.likelihood.params_per_channel * channels, *size)
-        self.encoder = Encoder(net, self.input_shape, 2 * z_dim, num_classes)
+        self.posterior = Posterior.from_spec(posterior, z_dim)
+        self.encoder = Encoder(net, self.input_shape, self.posterior.num_params, num_classes)
         self.decoder = Decoder(net, z_dim, decoder_shape, num_classes)
 
     def _class(self, y: int | torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -50,14 +54,12 @@ class VAE(LatentModel):
         return torch.as_tensor(y, device=like.device)
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None):
-        """q(z|x[,y])."""
-        mu, logvar = self.encoder(x, self._class(y, x)).chunk(2, dim=-1)
-        return diag_gaussian(mu, logvar)
+        """q(z|x[,y]): a diagonal Gaussian, or a flow (``posterior``, ``vaelab.posteriors``)."""
+        return self.posterior(self.encoder(x, self._class(y, x)))
 
     def encode_all_classes(self, x: torch.Tensor):
         """q(z|x,y) for every class at once: batch shape (K, B), row k with y = k."""
-        mu, logvar = self.encoder.all_classes(x).chunk(2, dim=-1)
-        return diag_gaussian(mu, logvar)
+        return self.posterior(self.encoder.all_classes(x))
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None):
         """p(x|z[,y]); z (..., z_dim) and y (...) share their leading dimensions."""
@@ -66,7 +68,8 @@ class VAE(LatentModel):
     def bound(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Terms:
         """ELBO  L(x[,y]) = E_q(z|x[,y])[log p(x|z[,y])] - KL(q(z|x[,y]) || p(z)), one sample of z."""
         qz = self.encode(x, y)
-        return Terms(**elbo_terms(x, self.decode(qz.rsample(), y), qz), given_y=self.num_classes is not None)
+        z = qz.rsample()
+        return Terms(**elbo_terms(x, self.decode(z, y), qz, z), given_y=self.num_classes is not None)
 
     def log_weights(self, x: torch.Tensor, y: torch.Tensor | None, k: int, dreg: bool = False) -> torch.Tensor:
         """log p(x, z_i [| y]) - log q(z_i | x [, y]) for k draws z_i ~ q(z|x[,y]), shape (k, B);
@@ -86,5 +89,5 @@ class VAE(LatentModel):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean of p(x|z[,y]) at the posterior mean z = E[q(z|x[,y])]."""
-        return self.decode(self.encode(x, y).mean, y).mean
+        """Mean of p(x|z[,y]) at the posterior mean z = E[q(z|x[,y])] (a flow: its base mean, mapped)."""
+        return self.decode(posterior_point(self.encode(x, y)), y).mean

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 log = logging.getLogger(__name__)
 
 # command-line choices that replace a restored section: a config group chosen anew
-SECTION_GROUPS = {"model": {"model", "net", "likelihood", "experiment"}, "data": {"data", "experiment"}}
+SECTION_GROUPS = {"model": {"model", "net", "likelihood", "posterior", "experiment"}, "data": {"data", "experiment"}}
 
 
 # models of checkpoints written before vaelab.lit.LitModel held the model: (class, config choice)
