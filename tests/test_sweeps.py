@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from vaelab.search import search_space
+from vaelab.search import OptunaSearch, search_space
 from vaelab.utils import CONFIG_DIR
 from conftest import REPO_ROOT, run_script
 
@@ -79,6 +79,12 @@ def test_search_space_is_written_in_hydra_override_syntax():
     assert fixed == ["trainer.max_epochs=3"]
     with pytest.raises(ValueError, match="takes choice"):
         search_space(["data.batch_size=shuffle(range(32, 129, 32))"])
+
+
+def test_a_search_without_a_pruner_prunes_nothing():
+    assert isinstance(OptunaSearch("s", None, "maximize", 1, pruner=None).pruner, optuna.pruners.NopPruner)
+    with pytest.raises(ValueError, match="at least one trial"):
+        OptunaSearch("s", None, "maximize", 0)
 
 
 def test_the_search_direction_follows_the_metric():

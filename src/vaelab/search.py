@@ -154,7 +154,9 @@ class OptunaSearch:
         if n_trials < 1:
             raise ValueError(f"hydra.sweeper.n_trials={n_trials}: a search needs at least one trial.")
         self.study_name, self.storage, self.direction, self.n_trials = study_name, storage, direction, n_trials
-        self.sampler, self.pruner = sampler, pruner
+        self.sampler = sampler
+        # none configured: no pruning (Optuna would otherwise apply its median rule)
+        self.pruner = pruner if pruner is not None else optuna.pruners.NopPruner()
         self.params = dict(params or {})
         self.launcher = None
         self.config: DictConfig | None = None
@@ -165,7 +167,7 @@ class OptunaSearch:
             hydra_context=hydra_context, task_function=task_function, config=config
         )
         self.in_process = type(self.launcher).__name__ == "BasicLauncher"
-        if not self.in_process and self.pruner is not None:
+        if not self.in_process and not isinstance(self.pruner, optuna.pruners.NopPruner):
             log.warning(
                 "hydra/launcher=%s runs trials in other processes, which cannot report to the study while they "
                 "train: pruning is off (trials still run to the end and are told to the study).",
