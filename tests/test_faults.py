@@ -54,6 +54,8 @@ def test_termination_signal_writes_a_checkpoint_before_exit(signum, mnist_dir, t
             "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "+logger.csv.flush_logs_every_n_steps=1",
         ],
         cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # a shell that starts the tests in the background makes them ignore SIGINT, and so the run
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     metrics = run_dir / "csv" / "metrics.csv"
     deadline = time.time() + 120
