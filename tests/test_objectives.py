@@ -107,6 +107,21 @@ def test_kl_warm_up_weighs_the_kl_from_zero_to_one():
     assert LitModel(model).kl_weight() == 1.0  # off by default
 
 
+def test_kl_warm_up_reaches_both_of_m2s_bounds():
+    """At beta = 0 the labeled and unlabeled bounds lose their KL terms: the loss falls by both."""
+    m2 = M2((1, 6, 6), num_classes=3, z_dim=2, net=NET)
+    (x, y), unlabeled = images(), (images()[0], torch.full((6,), -1))
+    losses, metrics = [], None
+    for warmup in (0, 4):
+        torch.manual_seed(4)
+        loss, metrics = LitModel(m2, alpha=1.0, kl_warmup_steps=warmup).semi_supervised_objective((x, y), unlabeled)
+        losses.append(loss)
+    torch.manual_seed(4)
+    lab, unlab = m2.bound(x, y), m2.bound(unlabeled[0])
+    assert metrics["kl_weight"] == 0
+    assert torch.allclose(losses[0] - losses[1], lab.kl.mean() + unlab.kl.mean(), atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

@@ -52,10 +52,15 @@ class PlanarTransform(Transform):
         return torch.log((1 + slope * (self.u * self.w).sum(-1, keepdim=True)).abs().clamp_min(1e-12).squeeze(-1))
 
 
+def is_diag_gaussian(qz: Distribution) -> bool:
+    """Whether ``qz`` is a diagonal Gaussian (``diag_gaussian``), not a flow."""
+    return isinstance(qz, Independent) and isinstance(qz.base_dist, Normal)
+
+
 def stopped(qz: Independent) -> Independent:
     """The same diagonal Gaussian with its parameters cut from the graph: log-densities of it
     pass gradient to the points they are evaluated at, not to the parameters."""
-    if not (isinstance(qz, Independent) and isinstance(qz.base_dist, Normal)):
+    if not is_diag_gaussian(qz):
         raise ValueError("The DReG estimator (lit.estimator=dreg) needs the Gaussian posterior (posterior=gaussian).")
     base = qz.base_dist
     return Independent(Normal(base.loc.detach(), base.scale.detach(), validate_args=False), qz.reinterpreted_batch_ndims)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributions import Categorical, Distribution, Independent, Normal
+from torch.distributions import Categorical, Distribution, Independent
 
-from vaelab.distributions import standard_normal, stopped
+from vaelab.distributions import is_diag_gaussian, standard_normal, stopped
 
 
 def kl_to_prior(qz: Independent) -> torch.Tensor:
@@ -27,7 +27,7 @@ def kl_term(qz: Distribution, z: torch.Tensor | None = None) -> torch.Tensor:
     """KL(q(z|x) || p(z)) per example: in closed form for a diagonal Gaussian (``kl_to_prior``);
     for any other posterior (a flow) the single-sample estimate log q(z|x) - log p(z) at the
     z ~ q(z|x) that the bound decodes."""
-    if isinstance(qz, Independent) and isinstance(qz.base_dist, Normal):
+    if is_diag_gaussian(qz):
         return kl_to_prior(qz)
     if z is None:
         raise ValueError(f"The KL of a {type(qz).__name__} posterior is estimated at a sample: pass z.")
@@ -88,10 +88,8 @@ def log_importance_weight(
     only through z_i, and that gradient is scaled by the normalised weight w~_i: trained with
     ``dreg_surrogate``, the encoder gets sum_i w~_i^2 d log w_i/d z_i dz_i/dphi and the decoder
     the IWAE gradient sum_i w~_i grad log w_i."""
-    if not dreg:
-        return px.log_prob(x) + standard_normal(z).log_prob(z) - qz.log_prob(z)
-    log_w = px.log_prob(x) + standard_normal(z).log_prob(z) - stopped(qz).log_prob(z)
-    if z.requires_grad:
+    log_w = px.log_prob(x) + standard_normal(z).log_prob(z) - (stopped(qz) if dreg else qz).log_prob(z)
+    if dreg and z.requires_grad:
         normalised = torch.softmax(log_w.detach(), dim=0)
         z.register_hook(lambda grad: grad * normalised.reshape(*normalised.shape, *[1] * (grad.dim() - normalised.dim())))
     return log_w

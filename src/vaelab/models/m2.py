@@ -38,10 +38,11 @@ class M2(LatentModel):
         posterior: str | Mapping | None = None,
     ) -> None:
         super().__init__()
-        kind = posterior if posterior is None or isinstance(posterior, str) else posterior.get("type")
-        if kind not in (None, "gaussian"):
-            raise ValueError(f"M2 takes the Gaussian q(z|x,y) (posterior=gaussian); posterior={kind} is for the VAE and CVAE.")
-        self.vae = VAE(input_shape, z_dim, num_classes, net, likelihood)
+        self.vae = VAE(input_shape, z_dim, num_classes, net, likelihood, posterior)
+        if not self.vae.posterior.is_gaussian:
+            raise ValueError(
+                f"M2 takes the Gaussian q(z|x,y) (posterior=gaussian); posterior={self.vae.posterior.type} is for the VAE and CVAE."
+            )
         self.input_shape, self.z_dim, self.num_classes = self.vae.input_shape, z_dim, num_classes
         self.likelihood = self.vae.likelihood
         self.rows_per_sample = num_classes  # log_weights decodes every class

@@ -10,6 +10,8 @@ import string
 from pathlib import Path
 from urllib.parse import urlparse
 
+from vaelab.utils.run import atomic_write
+
 MODES = ("online", "offline", "disabled")
 RUN_ID = Path("wandb") / "run_id"  # in a run directory: the W&B run it logs to
 
@@ -64,9 +66,8 @@ def wandb_run_id(save_dir: str | Path, resume_from: str | None = None) -> tuple[
 
 def store_wandb_run_id(save_dir: str | Path, run_id: str) -> None:
     """Write ``run_id`` into the run directory, for a resumed run to find."""
-    path = Path(save_dir) / RUN_ID
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(run_id + "\n")
+    with atomic_write(Path(save_dir) / RUN_ID) as file:
+        file.write(run_id + "\n")
 
 
 def summarise_best(experiment) -> None:
