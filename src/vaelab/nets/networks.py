@@ -38,6 +38,13 @@ def net_options(spec: Mapping | None) -> dict:
     return {"type": kind, **options}
 
 
+def at_least_single(out: torch.Tensor) -> torch.Tensor:
+    """A network's outputs in at least float32: under bf16/fp16 mixed precision the layers run
+    in half precision, but the distributions built on their outputs sum hundreds of terms
+    (log p(x|z) over pixels, the KL over z), which half precision would round to ~0.5 nats."""
+    return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
+
+
 def _head(in_features: int, hidden: Sequence[int], out_features: int, activation: str, num_classes: int | None) -> nn.Module:
     if num_classes is None:
         return MLP(in_features, hidden, out_features, activation)
@@ -61,11 +68,11 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         h = self.features(x)
-        return self.head(h) if y is None else self.head(h, y)
+        return at_least_single(self.head(h) if y is None else self.head(h, y))
 
     def all_classes(self, x: torch.Tensor) -> torch.Tensor:
         """(B, *input_shape) -> (K, B, out_features), row k with y = k."""
-        return self.head.all_classes(self.features(x))
+        return at_least_single(self.head.all_classes(self.features(x)))
 
 
 class Decoder(nn.Module):
@@ -87,4 +94,4 @@ class Decoder(nn.Module):
         """z (..., z_dim), y (...) -> (..., *output_shape); leading dimensions are batch dimensions."""
         flat = z.reshape(-1, z.shape[-1])
         out = self.image(self.head(flat) if y is None else self.head(flat, y.reshape(-1)))
-        return out.view(*z.shape[:-1], *out.shape[1:])
+        return at_least_single(out.view(*z.shape[:-1], *out.shape[1:]))
