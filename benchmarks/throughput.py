@@ -7,7 +7,7 @@ alike. The first ``--warmup`` steps of every run are not timed. Lightning runs a
 also bare (no logger, no progress bar). M2 (ssvae) trains with 100 labels. Prints JSON: images/s
 (unlabeled images for M2) and the ratios, per model, and M2's step time over the VAE's.
 ``--variant`` adds a Lightning run with more overrides to the same rounds (e.g.
-``lit.compile=true``) and reports its speed-up over the default Lightning run.
+``lit.compile=true`` or ``trainer.precision=bf16-mixed``) and reports its speed-up over the default Lightning run.
 
     python benchmarks/throughput.py --steps 300 --repeats 3 [--models vae cvae ssvae]
     python benchmarks/throughput.py --models vae ssvae --variant lit.compile=true
@@ -58,16 +58,17 @@ def build(overrides: list[str]):
     torch.manual_seed(0)
     datamodule = hydra.utils.instantiate(cfg.data)
     progress_bar = hydra.utils.instantiate(cfg.callbacks.rich_progress_bar, console_kwargs={"stderr": True})  # stdout: the JSON alone
-    return datamodule, train.build(cfg, datamodule), progress_bar
+    return datamodule, train.build(cfg, datamodule), progress_bar, cfg.trainer.precision
 
 
 def lightning_seconds(overrides: list[str], warmup: int, steps: int, product: bool) -> float:
-    datamodule, model, progress_bar = build(overrides)
+    datamodule, model, progress_bar, precision = build(overrides)
     timer = StepTimer(warmup)
     with tempfile.TemporaryDirectory() as out:
         trainer = pl.Trainer(
             accelerator="cpu",
             devices=1,
+            precision=precision,
             max_steps=warmup + steps,
             limit_val_batches=0,
             enable_checkpointing=False,
@@ -81,7 +82,7 @@ def lightning_seconds(overrides: list[str], warmup: int, steps: int, product: bo
 
 
 def plain_seconds(overrides: list[str], warmup: int, steps: int) -> float:
-    datamodule, model, _ = build(overrides)
+    datamodule, model, _, _ = build(overrides)
     datamodule.setup("fit")
     model.configure_model()
     optimizer = model.configure_optimizers()
