@@ -36,11 +36,13 @@ ROWS = {
     "vae_mnist_iaf": ("test NLL (IWAE bound), nats", None, "Kingma et al. 2016 report convolutional models"),
     "cvae_mnist": ("samples classified as their class, %", None, "goal: >= 98"),
     "m2_svhn_1000": ("test error, %", 36.02, "Kingma et al. 2014, M1+M2"),
+    "m1m2_mnist_100": ("test error, %", 3.33, "Kingma et al. 2014, M1+M2"),
+    "m1m2_svhn_1000": ("test error, %", 36.02, "Kingma et al. 2014, M1+M2"),
 }
 
 
 def our_figure(row: str, metrics: dict[str, float]) -> float:
-    if row.startswith("m2_"):
+    if row.startswith(("m2_", "m1m2_")):
         return round(100 * (1 - metrics["test/acc"]), 2)
     if row.startswith("vae_mnist"):
         return round(metrics["test/nll_iwae"], 2)

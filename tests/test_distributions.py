@@ -76,7 +76,7 @@ def test_likelihood_specs_set_decoder_outputs_and_reject_bad_values():
     assert torch.allclose(fixed(out).log_scale, torch.tensor(math.log(0.1)))
     assert Likelihood("logistic")(torch.zeros(2, 6, 4, 4)).loc.shape == (2, 3, 4, 4)
     assert "discretized logistic" in repr(Likelihood("logistic"))
-    with pytest.raises(ValueError, match=r"Unknown likelihood 'poisson'; choose one of \['bernoulli', 'gaussian', 'logistic'\]"):
+    with pytest.raises(ValueError, match=r"Unknown likelihood 'poisson'; choose one of \['bernoulli', 'gaussian', 'logistic', 'normal'\]"):
         Likelihood.from_spec({"type": "poisson"})
     with pytest.raises(ValueError, match="Bernoulli likelihood has no scale"):
         Likelihood("bernoulli", scale=0.1)
@@ -84,6 +84,20 @@ def test_likelihood_specs_set_decoder_outputs_and_reject_bad_values():
         Likelihood("logistic", scale=0.0)
     with pytest.raises(ValueError, match=r"has no option\(s\) \['sigma'\]"):
         Likelihood.from_spec({"type": "gaussian", "sigma": 1.0})
+
+
+def test_normal_likelihood_is_the_gaussian_density_of_real_values():
+    """likelihood=normal: the decoder's first half of channels is the mean, the second the log
+    scale; log p(h|z) sums the per-value Gaussian log densities."""
+    loc, log_scale = torch.randn(2, 5, 1, 1), torch.randn(2, 5, 1, 1)
+    h = torch.randn(2, 5, 1, 1) * 3
+    learned = Likelihood("normal")
+    assert learned.params_per_channel == 2 and learned.continuous and not learned.binary
+    expected = torch.distributions.Normal(loc, log_scale.exp()).log_prob(h).sum((-3, -2, -1))
+    torch.testing.assert_close(learned(torch.cat([loc, log_scale], dim=-3)).log_prob(h), expected)
+    fixed = Likelihood.from_spec({"type": "normal", "scale": 0.5})
+    torch.testing.assert_close(fixed(loc).log_prob(h), torch.distributions.Normal(loc, 0.5).log_prob(h).sum((-3, -2, -1)))
+    torch.testing.assert_close(fixed(loc).mean, loc)
 
 
 def test_bits_per_dim_converts_nats_per_image():

@@ -48,6 +48,12 @@ def test_discretized_likelihood_on_binarized_mnist_fails_clearly(quick_overrides
         train(cfg)
 
 
+def test_continuous_likelihood_on_images_fails_clearly(quick_overrides):
+    cfg = compose_config("train", [*quick_overrides, "debug=fdr", "likelihood=normal"])
+    with pytest.raises(ValueError, match="likelihood=normal is a density on real values .* not a probability of pixels"):
+        train(cfg)
+
+
 @pytest.fixture(scope="module")
 def short_run(mnist_dir, tmp_path_factory):
     """Two short epochs of the default VAE on an MNIST subset (60 batches of 64 per epoch)."""

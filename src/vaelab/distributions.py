@@ -78,6 +78,13 @@ def bernoulli_image(logits: torch.Tensor) -> Independent:
     return Independent(Bernoulli(logits=logits, validate_args=False), 3)
 
 
+def normal_values(loc: torch.Tensor, log_scale: torch.Tensor) -> Independent:
+    """p(h|z) = prod_d N(h_d; loc_d, exp(log_scale_d)^2), a density on real values such as M1's
+    features in M1+M2 (not on pixels); one event over the last three dimensions."""
+    scale = torch.exp(log_scale.expand_as(loc).clamp(min=MIN_LOG_SCALE))
+    return Independent(Normal(loc, scale, validate_args=False), 3)
+
+
 class DiscretizedImage(Distribution):
     """p(x|z) for 8-bit images: a logistic or Gaussian density with location ``loc`` and scale
     exp(``log_scale``) on [0, 1], integrated over each pixel's bin, the tails folded into the
@@ -155,6 +162,7 @@ LIKELIHOODS = {
     "bernoulli": "Bernoulli on binary pixels",
     "logistic": "discretized logistic on 8-bit pixels",
     "gaussian": "discretized Gaussian on 8-bit pixels",
+    "normal": "Gaussian density on real values",
 }
 
 
@@ -163,6 +171,7 @@ class Likelihood:
     ``params_per_channel * C`` channels per image; calling the likelihood on them returns the
     distribution. For the 8-bit types, ``scale=None`` learns a scale per pixel (the decoder's
     second half of channels, as log-scale) and a number fixes it (in units of the [0, 1] range).
+    ``normal`` is a density on real-valued inputs (M1's features), with the same scale options.
     """
 
     def __init__(self, type: str = "bernoulli", scale: float | None = None) -> None:
@@ -173,7 +182,7 @@ class Likelihood:
         if scale is not None and not scale > 0:
             raise ValueError(f"model.likelihood.scale must be positive or null (learned), got {scale}.")
         self.type, self.scale = type, scale
-        self.binary = type == "bernoulli"
+        self.binary, self.continuous = type == "bernoulli", type == "normal"
         self.params_per_channel = 2 if type != "bernoulli" and scale is None else 1
 
     @classmethod
@@ -194,8 +203,11 @@ class Likelihood:
             loc, log_scale = out.chunk(2, dim=-3)
         else:
             loc, log_scale = out, torch.full((), float(self.scale), device=out.device).log()
+        if self.continuous:
+            return normal_values(loc, log_scale)
         return DiscretizedImage(loc, log_scale, self.type)
 
     def __repr__(self) -> str:
-        scale = "" if self.binary else (", learned per-pixel scale" if self.scale is None else f", scale {self.scale}")
+        unit = "value" if self.continuous else "pixel"
+        scale = "" if self.binary else (f", learned per-{unit} scale" if self.scale is None else f", scale {self.scale}")
         return f"{LIKELIHOODS[self.type]}{scale}"

@@ -69,6 +69,21 @@ def unlabeled_bound(per_class: dict[str, torch.Tensor], qy_logits: torch.Tensor)
     return terms
 
 
+def stacked_bound(x: torch.Tensor, px: Distribution, qz1: Distribution, z1: torch.Tensor, kept: torch.Tensor, top: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The bound on log p(x) of Kingma et al. 2014's stacked model M1+M2, at one z1 ~ q(z1|x):
+
+        log p(x|z1) + B(z1[kept]) + log N(z1[rest]; 0, I) - log q(z1|x),
+
+    ``top`` = B being M2's bound on the kept features (L(h,y) with the label, U(h) without) and
+    the rest of z1 keeping M1's prior. ``recon`` = log p(x|z1); ``kl`` = recon - elbo, the
+    single-sample estimate of the whole latent hierarchy's KL."""
+    rest = torch.ones(z1.shape[-1], dtype=torch.bool, device=z1.device)
+    rest[kept] = False
+    recon = px.log_prob(x)
+    elbo = recon + top + standard_normal(z1[..., rest]).log_prob(z1[..., rest]) - qz1.log_prob(z1)
+    return {"elbo": elbo, "recon": recon, "kl": recon - elbo}
+
+
 def marginal_kl(qy_logits: torch.Tensor, log_py: float) -> torch.Tensor:
     """KL(q(y) || p(y)) for the uniform prior p(y) = exp(log_py), where q(y) = mean_x q(y|x) is the
     classifier's marginal over the batch ``qy_logits`` (B, K): 0 when the batch's predictions are

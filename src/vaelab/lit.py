@@ -25,7 +25,9 @@ Optimizer = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
 def model_name(model: LatentModel) -> str:
-    """How the configs call a model: vae, cvae or ssvae (M2)."""
+    """How the configs call a model: vae, cvae, ssvae (M2) or the model's own ``config_name``."""
+    if getattr(model, "config_name", None):
+        return model.config_name
     if model.has_classifier:
         return "ssvae"
     return "vae" if model.num_classes is None else "cvae"
@@ -469,7 +471,12 @@ def class_information(logits: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def check_likelihood(model: LatentModel, binary: bool | None) -> None:
-    """The likelihood must suit the pixels: binary for Bernoulli, 8-bit for the others."""
+    """The likelihood must suit the pixels: binary for Bernoulli, 8-bit for the discretized ones."""
+    if binary is not None and model.likelihood.continuous:
+        raise ValueError(
+            "likelihood=normal is a density on real values (M1+M2's features), not a probability of pixels; "
+            "use likelihood=bernoulli for binarized images, logistic or gaussian for 8-bit ones."
+        )
     if binary is None or binary == model.likelihood.binary:
         return
     if model.likelihood.binary:

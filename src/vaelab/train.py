@@ -10,10 +10,11 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vaelab.data import ImageDataModule
 from vaelab.lit import LitModel, check_training_data
+from vaelab.models.m1m2 import M1M2
 from vaelab.utils import (
     CONFIG_DIR,
     apply_extras,
@@ -57,6 +58,49 @@ def build(cfg: DictConfig, datamodule: ImageDataModule, **options) -> LitModel:
     return hydra.utils.instantiate(cfg.lit, _partial_=True)(model=model, **facts, **options)
 
 
+def train_m1(cfg: DictConfig) -> str | None:
+    """Stage 1 of M1+M2: M1 (``model.z_dim``, ``net=``, ``likelihood=``, ``posterior=``, as
+    ``model=vae`` takes them) trained on every training image for ``model.m1_epochs`` epochs, as
+    a run of its own in ``<run>/m1`` (resumed from its last checkpoint if the job restarts);
+    returns that checkpoint."""
+    out = Path(cfg.paths.output_dir) / "m1"
+    last = out / "checkpoints" / "last.ckpt"
+    stage = cfg.copy()
+    with open_dict(stage):
+        stage.model = OmegaConf.create({"_target_": "vaelab.models.VAE", "_convert_": "all"})
+        for key in ("input_shape", "z_dim", "net", "likelihood", "posterior"):
+            stage.model[key] = cfg.model[key]
+        stage.lit = OmegaConf.create({"_target_": cfg.lit._target_, "optimizer": cfg.lit.optimizer})
+        stage.data.labeled = None
+        stage.trainer.max_epochs = cfg.model.m1_epochs
+        stage.paths.output_dir = str(out)
+        stage.optimized_metric, stage.test = None, False
+        stage.ckpt_path = str(last) if last.is_file() else None
+    log.info("M1+M2, stage 1: training M1 for %d epochs in %s", cfg.model.m1_epochs, out)
+    train(stage)
+    if not last.is_file() and cfg.trainer.get("fast_dev_run"):
+        log.warning("fast_dev_run saves no checkpoints: M2 trains on the features of an untrained M1.")
+        return None
+    return str(last)
+
+
+def prepare_m1(cfg: DictConfig, model: M1M2, datamodule: ImageDataModule) -> None:
+    """Before M2 trains: M1's weights (``model.m1_ckpt``, else stage 1 trains them) and the
+    features M2 reads, chosen on the training images."""
+    m1_ckpt = cfg.model.get("m1_ckpt") or train_m1(cfg)
+    if m1_ckpt:
+        model.load_m1(m1_ckpt)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    images, labels = datamodule.train_set.images, datamodule.train_set.labels
+    spread = model.keep_active(datamodule.preprocess((datamodule.prepare_eval_images(images), labels), train=False)[0])
+    log.info(
+        "M1+M2: M2 reads %d of z1's %d dimensions; the standard deviations of their posterior means over the "
+        "training images are %.3f and more, %d dimensions exceed 0.1.",
+        len(model.kept), model.m1.z_dim, float(spread[model.kept].min()), int((spread > 0.1).sum()),
+    )
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model, then test the best checkpoint; return every logged metric, with
     ``optimized_metric`` at the best checkpoint's value. The run directory must be this run's
@@ -77,6 +121,8 @@ def _train(cfg: DictConfig, ckpt_path: str | None) -> dict[str, float]:
     datamodule: ImageDataModule = hydra.utils.instantiate(cfg.data)
     model = build(cfg, datamodule)
     check_training_data(model.model, datamodule.labeled)  # before anything runs
+    if isinstance(model.model, M1M2) and cfg.get("train") and not ckpt_path:
+        prepare_m1(cfg, model.model, datamodule)
     with open_dict(cfg):  # what the model resolved, so the saved and logged config show it
         cfg.optimized_metric = cfg.get("optimized_metric") or f"val/{model.bound_name}"
         cfg.lit.alpha = model.alpha

@@ -1,0 +1,162 @@
+"""The stacked model M1+M2 of Kingma, Rezende, Mohamed & Welling (2014):
+
+    M1:  z1 ~ N(0, I),  x ~ p(x | z1)                     a VAE of the images, trained first, then frozen
+    M2:  y ~ Cat(1/K),  z2 ~ N(0, I),  h ~ p(h | y, z2)   M2 on M1's features h = z1[kept]
+
+M2 learns from features drawn afresh from q(z1|x) at every training step (the posterior mean
+when classifying outside training), with a Gaussian density p(h|y,z2) (``likelihood=normal``).
+Only the ``features`` dimensions of z1 whose posterior means vary most over the training images
+are kept (``keep_active``); the others are M1's prior noise and keep M1's prior N(0, I).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from vaelab.elbo import stacked_bound
+from vaelab.models.base import LatentModel, Terms
+from vaelab.models.m2 import M2
+from vaelab.models.vae import VAE
+from vaelab.nets import net_options
+from vaelab.posteriors import posterior_point
+
+
+class M1M2(LatentModel):
+    """M1 is a ``VAE`` of the images built from ``z_dim`` (z1), ``net``, ``likelihood`` and
+    ``posterior``, as ``model=vae`` takes them; ``m2`` holds M2's settings (``z_dim``, ``net``,
+    ``likelihood``, ``classifier_net``), M2 reading ``features`` dimensions of z1 (null: all).
+    ``m1_ckpt`` (a trained ``model=vae`` run with the same M1 settings) and ``m1_epochs`` are read
+    by train.py, which trains or loads M1 before M2 trains (``vaelab.train.prepare_m1``); the
+    model's own checkpoints hold M1's weights, so evaluation needs neither."""
+
+    has_classifier = True
+    config_name = "m1m2"
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        z_dim: int = 50,
+        net: Mapping | None = None,
+        likelihood: str | Mapping | None = None,
+        posterior: str | Mapping | None = None,
+        m2: Mapping | None = None,
+        features: int | None = None,
+        m1_ckpt: str | None = None,
+        m1_epochs: int = 50,
+    ) -> None:
+        super().__init__()
+        self.m1 = VAE(input_shape, z_dim, None, net, likelihood, posterior)
+        self.m1.requires_grad_(False)
+        n = z_dim if features is None else features
+        if not (isinstance(n, int) and 0 < n <= z_dim):
+            raise ValueError(f"model.features must be between 1 and z_dim ({z_dim}), or null for all; got {features}.")
+        m2 = {"likelihood": "normal", **dict(m2 or {})}
+        unknown = set(m2) - {"z_dim", "net", "likelihood", "classifier_net"}
+        if unknown:
+            raise ValueError(f"model.m2 has no option(s) {sorted(unknown)}; it takes z_dim, net, likelihood and classifier_net.")
+        for name in ("net", "classifier_net"):
+            if m2.get(name) is not None and net_options(m2[name])["type"] != "mlp":
+                raise ValueError(f"M1+M2's M2 reads feature vectors, not images: model.m2.{name} must be an mlp.")
+        self.m2 = M2((n, 1, 1), num_classes, **m2)
+        if not self.m2.likelihood.continuous:
+            raise ValueError(f"M1+M2's M2 models real-valued features: model.m2.likelihood must be normal, not {self.m2.likelihood.type}.")
+        self.register_buffer("kept", torch.arange(n))  # the dimensions of z1 that M2 reads
+        self.input_shape, self.z_dim, self.num_classes = self.m1.input_shape, self.m2.z_dim, num_classes
+        self.likelihood = self.m1.likelihood  # of the images
+        self.rows_per_sample = num_classes
+        self.m1_ckpt, self.m1_epochs = m1_ckpt, m1_epochs
+
+    # -- M1 -------------------------------------------------------------------------------
+    def load_m1(self, path: str | Path) -> None:
+        """M1's weights from the checkpoint of a ``model=vae`` run with this model's M1 settings."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"model.m1_ckpt={path} does not exist; give a model=vae checkpoint, or null to train M1 first.")
+        state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+        weights = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
+        expected = self.m1.state_dict()
+        wrong = sorted(set(expected) ^ set(weights)) + sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
+        if wrong:
+            raise ValueError(
+                f"model.m1_ckpt={path} does not hold the M1 that model.z_dim, net= and likelihood= describe (differs in {', '.join(wrong[:3])}"
+                f"{' ...' if len(wrong) > 3 else ''}): train M1 with the same settings, or set model.m1_ckpt=null."
+            )
+        self.m1.load_state_dict(weights)
+
+    @torch.no_grad()
+    def keep_active(self, images: torch.Tensor) -> torch.Tensor:
+        """Keep the ``features`` dimensions of z1 whose posterior means vary most over ``images``
+        (Kingma et al.'s code keeps those with a standard deviation above a threshold); returns
+        every dimension's standard deviation."""
+        means = torch.cat([posterior_point(self.m1.encode(x)) for x in images.split(1000)])
+        spread = means.std(0)
+        self.kept.copy_(spread.argsort(descending=True)[: len(self.kept)].sort().values)
+        return spread
+
+    @torch.no_grad()
+    def _z1(self, x: torch.Tensor) -> torch.Tensor:
+        """z1 ~ q(z1|x) when training, its mean otherwise."""
+        qz1 = self.m1.encode(x)
+        return qz1.sample() if self.training else posterior_point(qz1)
+
+    def _features(self, z1: torch.Tensor) -> torch.Tensor:
+        """h = z1[kept], shaped (..., n, 1, 1) for M2's networks and likelihood."""
+        return z1[..., self.kept].unflatten(-1, (-1, 1, 1))
+
+    def _images(self, h: torch.Tensor) -> torch.Tensor:
+        """Mean images of p(x|z1) with z1[kept] = h and the other dimensions at their prior mean 0."""
+        z1 = h.new_zeros(*h.shape[:-3], self.m1.z_dim)
+        z1[..., self.kept] = h.flatten(-3)
+        return self.m1.decode(z1).mean
+
+    # -- the interface -----------------------------------------------------------------------
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of q(y|h), h = M1's features of x."""
+        return self.m2.classify(self._features(self._z1(x)))
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        """q(z2|h,y) on M1's features, with y = argmax q(y|h) unless given."""
+        return self.m2.encode(self._features(self._z1(x)), y)
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None):
+        """p(x|z1) at z1 = E[p(h|y,z2)]: decoded by M2, then by M1 (y ~ p(y) unless given)."""
+        z1 = z.new_zeros(*z.shape[:-1], self.m1.z_dim)
+        z1[..., self.kept] = self.m2.decode(z, y).mean.flatten(-3)
+        return self.m1.decode(z1)
+
+    def bound(self, x: torch.Tensor, y: torch.Tensor | None = None, qy_logits: torch.Tensor | None = None) -> Terms:
+        """The stacked bound on log p(x) (``vaelab.elbo.stacked_bound``) at one z1 ~ q(z1|x), with
+        M2's L(h,y) when y is given and U(h) otherwise; q(y|h) is computed on the same features
+        (``qy_logits``, computed by the caller on other draws of h, is not used)."""
+        with torch.no_grad():
+            qz1 = self.m1.encode(x)
+            z1 = qz1.sample()
+            px = self.m1.decode(z1)
+        top = self.m2.bound(self._features(z1), y)
+        terms = stacked_bound(x, px, qz1, z1, self.kept, top.elbo)
+        return Terms(terms["elbo"], terms["recon"], terms["kl"], extras=top.extras)
+
+    def log_weights(self, x: torch.Tensor, y: torch.Tensor | None, k: int, dreg: bool = False) -> torch.Tensor:
+        """log w_i = log p(x|z1_i) + log w_M2(h_i) + log N(z1_i[rest]) - log q(z1_i|x), z1_i ~ q(z1|x),
+        with M2's class-summed importance weight of h_i = z1_i[kept]: (k, B), a bound on log p(x)."""
+        if dreg:
+            raise ValueError("M1+M2's importance weights sum over the classes: the DReG estimator is not defined for them.")
+        with torch.no_grad():
+            qz1 = self.m1.encode(x)
+            z1 = qz1.sample((k,))
+            px = self.m1.decode(z1)
+        top = self.m2.log_weights(self._features(z1).flatten(0, 1), None, 1).view(k, -1)
+        return stacked_bound(x, px, qz1, z1, self.kept, top)["elbo"]
+
+    @torch.no_grad()
+    def sample(self, n: int, y: int | torch.Tensor | None = None) -> torch.Tensor:
+        """Mean images of M1's decoder at M2's mean features for z2 ~ p(z2) and the class(es) y."""
+        return self._images(self.m2.sample(n, y))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x -> h -> M2's reconstruction of h -> M1's mean image, with y = argmax q(y|h) unless given."""
+        return self._images(self.m2.reconstruct(self._features(self._z1(x)), y))
