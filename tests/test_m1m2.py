@@ -8,7 +8,7 @@ import torch
 from vaelab.elbo import iwae_bound
 from vaelab.distributions import standard_normal
 from vaelab.models import M1M2, VAE
-from vaelab.train import train
+from vaelab.train import time_left, train
 from conftest import compose_config, run_script
 
 NET = {"type": "mlp", "hidden": [16]}
@@ -108,6 +108,12 @@ def test_settings_are_checked():
         M1M2((1, 6, 6), 4, z_dim=5, net=NET, m2={"likelihood": "bernoulli"})
     with pytest.raises(ValueError, match="model.m2.net must be an mlp"):
         M1M2((1, 6, 6), 4, z_dim=5, net=NET, m2={"net": {"type": "conv"}})
+
+
+def test_stage_two_gets_what_is_left_of_the_time_budget():
+    assert time_left("00:01:00:00", 1500.4) == "00:00:34:59"
+    assert time_left({"days": 1, "minutes": 1}, 90) == "00:23:59:30"
+    assert time_left("00:00:01:00", 600) == "00:00:00:01"
 
 
 @pytest.mark.slow

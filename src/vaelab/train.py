@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import hydra
@@ -84,10 +86,26 @@ def train_m1(cfg: DictConfig) -> str | None:
     return str(last)
 
 
+def time_left(max_time: str | dict, spent_s: float) -> str:
+    """``trainer.max_time`` ("DD:HH:MM:SS" or {days, hours, minutes, seconds}) less ``spent_s``
+    seconds, as "DD:HH:MM:SS", at least one second."""
+    if isinstance(max_time, str):
+        days, hours, minutes, seconds = map(int, max_time.split(":"))
+        total = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    else:
+        total = timedelta(**max_time)
+    left = int(max(total.total_seconds() - spent_s, 1))
+    return f"{left // 86400:02d}:{left // 3600 % 24:02d}:{left // 60 % 60:02d}:{left % 60:02d}"
+
+
 def prepare_m1(cfg: DictConfig, model: M1M2, datamodule: ImageDataModule) -> None:
-    """Before M2 trains: M1's weights (``model.m1_ckpt``, else stage 1 trains them) and the
-    features M2 reads, chosen on the training images."""
+    """Before M2 trains: M1's weights (``model.m1_ckpt``, else stage 1 trains them, and M2 gets
+    what is left of ``trainer.max_time``) and the features M2 reads, chosen on the training images."""
+    start = time.monotonic()
     m1_ckpt = cfg.model.get("m1_ckpt") or train_m1(cfg)
+    if cfg.trainer.get("max_time") and not cfg.model.get("m1_ckpt"):  # one budget for both stages
+        with open_dict(cfg):
+            cfg.trainer.max_time = time_left(cfg.trainer.max_time, time.monotonic() - start)
     if m1_ckpt:
         model.load_m1(m1_ckpt)
     datamodule.prepare_data()
