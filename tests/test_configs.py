@@ -111,3 +111,26 @@ def test_nonpositive_latent_size_is_rejected(model, quick_overrides):
     cfg = compose_config("train", [*quick_overrides, f"model={model}", "model.z_dim=0"])
     with pytest.raises(Exception, match="model.z_dim must be a positive integer, got 0"):
         hydra.utils.instantiate(cfg.model)
+
+
+@pytest.mark.parametrize("flags, precision", [({"avx2", "avx512_bf16"}, "bf16-mixed"), ({"amx_bf16"}, "bf16-mixed"), ({"avx2", "avx512f"}, "32-true")])
+def test_m2_trains_in_bf16_only_where_the_cpu_has_it(flags, precision, quick_overrides, monkeypatch):
+    """model=ssvae picks bf16 mixed precision on a CPU that computes bfloat16 natively and float32
+    on one that would emulate it; a command-line precision wins, other models and evaluation keep float32."""
+    import vaelab.utils.config
+
+    monkeypatch.setattr(vaelab.utils.config, "cpu_flags", lambda: flags)
+    m2 = [*quick_overrides, "model=ssvae", "data.labeled=100"]
+    assert compose_config("train", m2).trainer.precision == precision
+    assert compose_config("train", [*m2, "trainer.precision=32-true"]).trainer.precision == "32-true"
+    assert compose_config("train", quick_overrides).trainer.precision == "32-true"
+    assert compose_config("evaluate", [*m2, "ckpt_path=some.ckpt"]).trainer.precision == "32-true"
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    from vaelab.utils.config import cpu_flags
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "avx2", "avx512_bf16"}
+    assert cpu_flags(tmp_path / "absent") == set()

@@ -11,6 +11,7 @@ from pathlib import Path
 import rich
 import rich.syntax
 import rich.tree
+import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -37,6 +38,31 @@ if not OmegaConf.has_resolver("vaelab_mode"):
     OmegaConf.register_new_resolver("vaelab_mode", metric_mode)
 if not OmegaConf.has_resolver("vaelab_direction"):
     OmegaConf.register_new_resolver("vaelab_direction", metric_direction)
+
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+def native_bf16_precision(accelerator: str) -> str:
+    """``bf16-mixed`` where the device of ``trainer.accelerator`` computes bfloat16 natively (a CPU
+    with AVX512-BF16 or AMX, a CUDA GPU from Ampere on), else ``32-true``: emulated bfloat16 is
+    slower than float32 (benchmarks/README.md, "Mixed precision")."""
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    else:
+        native = accelerator in ("cpu", "auto") and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return "bf16-mixed" if native else "32-true"
+
+
+if not OmegaConf.has_resolver("vaelab_native_bf16"):
+    OmegaConf.register_new_resolver("vaelab_native_bf16", native_bf16_precision)
 
 FIRST_FIELDS = ("data", "model", "callbacks", "logger", "trainer", "paths", "extras")
 
