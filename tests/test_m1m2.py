@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+
+import vaelab.train
 
 from vaelab.elbo import iwae_bound
 from vaelab.distributions import standard_normal
 from vaelab.models import M1M2, VAE
+from vaelab.models.m1m2 import active_count, feature_spread
 from vaelab.train import time_left, train
+from vaelab.utils.checkpoint import settings_from_checkpoint
 from conftest import compose_config, run_script
 
 NET = {"type": "mlp", "hidden": [16]}
@@ -68,10 +73,12 @@ def test_features_are_drawn_afresh_in_training_and_the_posterior_mean_in_evaluat
 
 def test_keep_active_keeps_the_dimensions_whose_posterior_means_vary_most():
     model, x = tiny(features=2), images(50)
-    spread = model.keep_active(x)
+    spread = feature_spread(model.m1, x)
     means = model.m1.encode(x).mean
     torch.testing.assert_close(spread, means.std(0))
+    model.keep_active(spread)
     assert model.kept.tolist() == sorted(means.std(0).argsort(descending=True)[:2].tolist())
+    assert active_count(torch.tensor([0.9, 0.05, 0.3, 0.1])) == 2 and active_count(torch.zeros(3)) == 1
 
 
 def test_sampling_decodes_with_m2_then_m1():
@@ -101,6 +108,17 @@ def test_m1_checkpoints_are_checked_before_they_load(tmp_path):
     torch.testing.assert_close(model.m1.state_dict(), same.state_dict())
 
 
+def test_a_checkpoint_fills_in_the_number_of_features_its_config_left_open(tmp_path):
+    state = {"state_dict": {"model.kept": torch.arange(7)}}
+    torch.save(state, tmp_path / "run.ckpt")
+    cfg = OmegaConf.create({"model": {"features": None}})
+    settings_from_checkpoint(cfg, str(tmp_path / "run.ckpt"))
+    assert cfg.model.features == 7
+    given = OmegaConf.create({"model": {"features": 3}})
+    settings_from_checkpoint(given, str(tmp_path / "run.ckpt"))
+    assert given.model.features == 3
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="model.features must be between 1 and z_dim"):
         M1M2((1, 6, 6), 4, z_dim=5, net=NET, features=6)
@@ -117,13 +135,15 @@ def test_stage_two_gets_what_is_left_of_the_time_budget():
 
 
 @pytest.mark.slow
-def test_the_two_stage_command_trains_evaluates_and_reuses_m1(quick_overrides, tmp_path):
+def test_the_two_stage_command_trains_evaluates_and_reuses_m1(quick_overrides, tmp_path, monkeypatch):
     """experiment=m1m2_mnist_100 on an MNIST subset: stage 1 trains M1 into <run>/m1, stage 2 M2
-    on its features; evaluate.py reloads the final checkpoint; model.m1_ckpt= skips stage 1."""
+    on its active features, whose number the checkpoint keeps; evaluate.py reloads the final
+    checkpoint with its config leaving that number open; model.m1_ckpt= skips stage 1."""
     small = [
-        "experiment=m1m2_mnist_100", "model.m1_epochs=1", "model.features=20", "trainer.max_epochs=1",
+        "experiment=m1m2_mnist_100", "model.m1_epochs=1", "trainer.max_epochs=1",
         "trainer.limit_train_batches=20", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
     ]
+    monkeypatch.setattr(vaelab.train, "active_count", lambda spread: 7)  # an M1 this short has no inactive dimensions
     metrics = train(compose_config("train", [*quick_overrides, *small]))
     m1 = tmp_path / "m1" / "checkpoints" / "last.ckpt"
     assert m1.is_file() and {"val/acc", "test/acc", "val/elbo"} <= set(metrics)
@@ -131,11 +151,11 @@ def test_the_two_stage_command_trains_evaluates_and_reuses_m1(quick_overrides, t
     stage2 = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     m1_weights = torch.load(m1, weights_only=True)["state_dict"]
     torch.testing.assert_close(stage2["model.m1.encoder.head.0.weight"], m1_weights["model.encoder.head.0.weight"])
-    assert len(stage2["model.kept"]) == 20
+    assert len(stage2["model.kept"]) == 7
 
     result = run_script(
         "evaluate.py", f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", quick_overrides[0],  # paths.data_dir
-        "model=m1m2", "model.features=20", "model.net.hidden=[600,600]", "model.net.activation=softplus", "data.labeled=100",
+        "model=m1m2", "model.net.hidden=[600,600]", "model.net.activation=softplus", "data.labeled=100",
         f"paths.output_dir={tmp_path / 'eval'}", "eval.iwae_k=2", "data.eval_batch_size=500", "trainer.limit_test_batches=1",
     )  # the model is named: train() ran without Hydra, so the run has no .hydra/config.yaml to restore
     assert result.returncode == 0, result.stderr[-3000:]

@@ -26,6 +26,7 @@ from vaelab.models import LatentModel
 from vaelab.report import latent_codes, model_figures, save_figures
 from vaelab.train import build, finish_wandb
 from vaelab.utils import CONFIG_DIR, apply_extras, check_checkpoint, instantiate_loggers, log_hyperparameters, restore_run_config
+from vaelab.utils.checkpoint import settings_from_checkpoint
 from vaelab.utils.run import atomic_write, run_directory, signal_exit_status
 from vaelab.viz import confusion_plot, latent_scatter
 
@@ -44,6 +45,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, f
 def _evaluate(cfg: DictConfig) -> dict[str, float]:
     apply_extras(cfg)
     datamodule: ImageDataModule = hydra.utils.instantiate(cfg.data)
+    settings_from_checkpoint(cfg, cfg.ckpt_path)
     module = build(cfg, datamodule, iwae_k=cfg.eval.iwae_k, iwae_rows=cfg.eval.iwae_rows)
     check_checkpoint(cfg.ckpt_path, module)
     if cfg.eval.iwae_k:

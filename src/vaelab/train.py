@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vaelab.data import ImageDataModule
 from vaelab.lit import LitModel, check_training_data
-from vaelab.models.m1m2 import M1M2
+from vaelab.models.m1m2 import ACTIVE_SPREAD, M1M2, active_count, feature_spread
 from vaelab.utils import (
     CONFIG_DIR,
     apply_extras,
@@ -25,6 +25,7 @@ from vaelab.utils import (
     instantiate_loggers,
     log_hyperparameters,
 )
+from vaelab.utils.checkpoint import settings_from_checkpoint
 from vaelab.utils.run import AtomicCheckpointIO, restart_checkpoint, run_directory, signal_exit_status
 
 log = logging.getLogger(__name__)
@@ -98,25 +99,35 @@ def time_left(max_time: str | dict, spent_s: float) -> str:
     return f"{left // 86400:02d}:{left // 3600 % 24:02d}:{left // 60 % 60:02d}:{left % 60:02d}"
 
 
-def prepare_m1(cfg: DictConfig, model: M1M2, datamodule: ImageDataModule) -> None:
+def prepare_m1(cfg: DictConfig, module: LitModel, datamodule: ImageDataModule) -> LitModel:
     """Before M2 trains: M1's weights (``model.m1_ckpt``, else stage 1 trains them, and M2 gets
-    what is left of ``trainer.max_time``) and the features M2 reads, chosen on the training images."""
+    what is left of ``trainer.max_time``), and the dimensions of z1 that M2 reads, chosen on the
+    training images: the active ones (``model.features=null``; the module is then rebuilt for
+    their number, which its checkpoints keep) or the given number that vary most."""
     start = time.monotonic()
     m1_ckpt = cfg.model.get("m1_ckpt") or train_m1(cfg)
     if cfg.trainer.get("max_time") and not cfg.model.get("m1_ckpt"):  # one budget for both stages
         with open_dict(cfg):
             cfg.trainer.max_time = time_left(cfg.trainer.max_time, time.monotonic() - start)
     if m1_ckpt:
-        model.load_m1(m1_ckpt)
+        module.model.load_m1(m1_ckpt)
     datamodule.prepare_data()
     datamodule.setup("fit")
     images, labels = datamodule.train_set.images, datamodule.train_set.labels
-    spread = model.keep_active(datamodule.preprocess((datamodule.prepare_eval_images(images), labels), train=False)[0])
+    spread = feature_spread(module.model.m1, datamodule.preprocess((datamodule.prepare_eval_images(images), labels), train=False)[0])
+    if cfg.model.get("features") is None:
+        with open_dict(cfg):
+            cfg.model.features = active_count(spread)
+        module = build(cfg, datamodule)
+        if m1_ckpt:
+            module.model.load_m1(m1_ckpt)
+    module.model.keep_active(spread)
     log.info(
-        "M1+M2: M2 reads %d of z1's %d dimensions; the standard deviations of their posterior means over the "
-        "training images are %.3f and more, %d dimensions exceed 0.1.",
-        len(model.kept), model.m1.z_dim, float(spread[model.kept].min()), int((spread > 0.1).sum()),
+        "M1+M2: M2 reads %d of z1's %d dimensions; %d have posterior means whose standard deviation over the "
+        "training images exceeds %g (the kept ones: %.3f and more).",
+        cfg.model.features, len(spread), active_count(spread), ACTIVE_SPREAD, float(spread[module.model.kept].min()),
     )
+    return module
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -137,10 +148,12 @@ def _train(cfg: DictConfig, ckpt_path: str | None) -> dict[str, float]:
             "instead of trainer.gradient_clip_val and trainer.accumulate_grad_batches."
         )
     datamodule: ImageDataModule = hydra.utils.instantiate(cfg.data)
+    if ckpt_path:
+        settings_from_checkpoint(cfg, ckpt_path)
     model = build(cfg, datamodule)
     check_training_data(model.model, datamodule.labeled)  # before anything runs
     if isinstance(model.model, M1M2) and cfg.get("train") and not ckpt_path:
-        prepare_m1(cfg, model.model, datamodule)
+        model = prepare_m1(cfg, model, datamodule)
     with open_dict(cfg):  # what the model resolved, so the saved and logged config show it
         cfg.optimized_metric = cfg.get("optimized_metric") or f"val/{model.bound_name}"
         cfg.lit.alpha = model.alpha

@@ -5,8 +5,8 @@
 
 M2 learns from features drawn afresh from q(z1|x) at every training step (the posterior mean
 when classifying outside training), with a Gaussian density p(h|y,z2) (``likelihood=normal``).
-Only the ``features`` dimensions of z1 whose posterior means vary most over the training images
-are kept (``keep_active``); the others are M1's prior noise and keep M1's prior N(0, I).
+Only the dimensions of z1 whose posterior means vary over the training images are kept
+(``keep_active``); the others are M1's prior noise and keep M1's prior N(0, I).
 """
 
 from __future__ import annotations
@@ -23,11 +23,27 @@ from vaelab.models.vae import VAE
 from vaelab.nets import net_options
 from vaelab.posteriors import posterior_point
 
+# a dimension of z1 is active when its posterior mean varies over the images by more than this
+# standard deviation (the threshold of Kingma et al.'s code)
+ACTIVE_SPREAD = 0.1
+
+
+@torch.no_grad()
+def feature_spread(m1: VAE, images: torch.Tensor) -> torch.Tensor:
+    """The standard deviation of each dimension of M1's posterior mean over ``images``."""
+    return torch.cat([posterior_point(m1.encode(x)) for x in images.split(1000)]).std(0)
+
+
+def active_count(spread: torch.Tensor) -> int:
+    """How many dimensions of z1 are active (``ACTIVE_SPREAD``), at least one."""
+    return max(int((spread > ACTIVE_SPREAD).sum()), 1)
+
 
 class M1M2(LatentModel):
     """M1 is a ``VAE`` of the images built from ``z_dim`` (z1), ``net``, ``likelihood`` and
     ``posterior``, as ``model=vae`` takes them; ``m2`` holds M2's settings (``z_dim``, ``net``,
-    ``likelihood``, ``classifier_net``), M2 reading ``features`` dimensions of z1 (null: all).
+    ``likelihood``, ``classifier_net``), M2 reading ``features`` dimensions of z1 (null: all; a
+    run with ``model.features=null`` keeps the active ones, ``vaelab.train.prepare_m1``).
     ``m1_ckpt`` (a trained ``model=vae`` run with the same M1 settings) and ``m1_epochs`` are read
     by train.py, which trains or loads M1 before M2 trains (``vaelab.train.prepare_m1``); the
     model's own checkpoints hold M1's weights, so evaluation needs neither."""
@@ -86,15 +102,9 @@ class M1M2(LatentModel):
             )
         self.m1.load_state_dict(weights)
 
-    @torch.no_grad()
-    def keep_active(self, images: torch.Tensor) -> torch.Tensor:
-        """Keep the ``features`` dimensions of z1 whose posterior means vary most over ``images``
-        (Kingma et al.'s code keeps those with a standard deviation above a threshold); returns
-        every dimension's standard deviation."""
-        means = torch.cat([posterior_point(self.m1.encode(x)) for x in images.split(1000)])
-        spread = means.std(0)
+    def keep_active(self, spread: torch.Tensor) -> None:
+        """Keep the ``features`` dimensions of z1 with the largest ``spread`` (``feature_spread``)."""
         self.kept.copy_(spread.argsort(descending=True)[: len(self.kept)].sort().values)
-        return spread
 
     @torch.no_grad()
     def _z1(self, x: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,22 @@ def upgrade_run_config(saved: DictConfig) -> DictConfig:
     return saved
 
 
+def settings_from_checkpoint(cfg: DictConfig, path: str) -> None:
+    """Model settings that a run chose from its data and keeps in its checkpoint, set in
+    ``cfg.model`` where the config leaves them open (M1+M2's ``model.features=null``: the number
+    of dimensions of z1 that M2 reads), so the model built from ``cfg`` fits the weights. An
+    unreadable checkpoint is left to ``check_checkpoint``."""
+    if "features" not in cfg.model or cfg.model.features is not None:
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    except Exception:
+        return
+    if "model.kept" in state:
+        with open_dict(cfg):
+            cfg.model.features = len(state["model.kept"])
+
+
 def check_checkpoint(path: str, model: pl.LightningModule) -> None:
     """Raise one clear error when ``path`` is missing, unreadable, or holds weights of another
     model than ``model`` (another ``model=`` choice or other layer sizes); checkpoints written
