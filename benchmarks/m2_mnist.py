@@ -33,6 +33,7 @@ from vaelab.train import build, train
 from vaelab.utils import CONFIG_DIR
 
 PUBLISHED = {"ssvae": {100: 11.97, 600: 4.94, 1000: 3.60, 3000: 3.92}, "m1m2": {100: 3.33}}
+NAMES = {"ssvae": ("m2", "M2"), "m1m2": ("m1m2", "M1+M2")}  # in file names, in figure titles
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the source checkout
 
@@ -87,7 +88,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    name = f"{'m2' if args.model == 'ssvae' else 'm1m2'}_mnist_{args.labeled}_seed{args.split_seed}"
+    stem, title = NAMES[args.model]
+    name = f"{stem}_mnist_{args.labeled}_seed{args.split_seed}"
     out = PROJECT_ROOT / "outputs" / "benchmarks" / f"{name}_{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"
     minutes = int(args.max_minutes)
     seconds = round((args.max_minutes - minutes) * 60)
@@ -120,7 +122,7 @@ def main() -> None:
     val = [r for r in rows if r.get("val/acc")]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     figure = args.out_dir / f"{name}.png"
-    curves(rows, figure, f"{'M2' if args.model == 'ssvae' else 'M1+M2'}, {args.labeled} labels, split seed {args.split_seed}")
+    curves(rows, figure, f"{title}, {args.labeled} labels, split seed {args.split_seed}")
     with open(args.out_dir / f"{name}.csv", "w", newline="") as file:
         keys = ["epoch", "step", "time/minutes", "val/acc", "val/elbo", "val/entropy", "val/mi", "val/kl_y"]
         writer = csv.DictWriter(file, fieldnames=keys, extrasaction="ignore")

@@ -118,9 +118,9 @@ def prepare_m1(cfg: DictConfig, module: LitModel, datamodule: ImageDataModule) -
     if cfg.model.get("features") is None:
         with open_dict(cfg):
             cfg.model.features = active_count(spread)
+        m1 = module.model.m1.state_dict()  # the M1 the spread was measured on
         module = build(cfg, datamodule)
-        if m1_ckpt:
-            module.model.load_m1(m1_ckpt)
+        module.model.m1.load_state_dict(m1)
     module.model.keep_active(spread)
     log.info(
         "M1+M2: M2 reads %d of z1's %d dimensions; %d have posterior means whose standard deviation over the "

@@ -22,6 +22,7 @@ from vaelab.models.m2 import M2
 from vaelab.models.vae import VAE
 from vaelab.nets import net_options
 from vaelab.posteriors import posterior_point
+from vaelab.utils.checkpoint import state_mismatch
 
 # a dimension of z1 is active when its posterior mean varies over the images by more than this
 # standard deviation (the threshold of Kingma et al.'s code)
@@ -93,12 +94,11 @@ class M1M2(LatentModel):
             raise FileNotFoundError(f"model.m1_ckpt={path} does not exist; give a model=vae checkpoint, or null to train M1 first.")
         state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
         weights = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
-        expected = self.m1.state_dict()
-        wrong = sorted(set(expected) ^ set(weights)) + sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
-        if wrong:
+        details = state_mismatch(weights, self.m1.state_dict())
+        if details:
             raise ValueError(
-                f"model.m1_ckpt={path} does not hold the M1 that model.z_dim, net= and likelihood= describe (differs in {', '.join(wrong[:3])}"
-                f"{' ...' if len(wrong) > 3 else ''}): train M1 with the same settings, or set model.m1_ckpt=null."
+                f"model.m1_ckpt={path} does not hold the M1 that model.z_dim, net= and likelihood= describe ({details}): "
+                "train M1 with the same settings, or set model.m1_ckpt=null."
             )
         self.m1.load_state_dict(weights)
 
@@ -116,11 +116,18 @@ class M1M2(LatentModel):
         """h = z1[kept], shaped (..., n, 1, 1) for M2's networks and likelihood."""
         return z1[..., self.kept].unflatten(-1, (-1, 1, 1))
 
-    def _images(self, h: torch.Tensor) -> torch.Tensor:
-        """Mean images of p(x|z1) with z1[kept] = h and the other dimensions at their prior mean 0."""
+    def _through_m1(self, h: torch.Tensor):
+        """p(x|z1) with z1[kept] = h (..., n, 1, 1) and the other dimensions at their prior mean 0."""
         z1 = h.new_zeros(*h.shape[:-3], self.m1.z_dim)
         z1[..., self.kept] = h.flatten(-3)
-        return self.m1.decode(z1).mean
+        return self.m1.decode(z1)
+
+    @torch.no_grad()
+    def _m1_draws(self, x: torch.Tensor, sample_shape: torch.Size = torch.Size()):
+        """q(z1|x), draws z1 from it and p(x|z1) at them: M1's part of the stacked bound."""
+        qz1 = self.m1.encode(x)
+        z1 = qz1.sample(sample_shape)
+        return qz1, z1, self.m1.decode(z1)
 
     # -- the interface -----------------------------------------------------------------------
     def classify(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,18 +140,13 @@ class M1M2(LatentModel):
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None):
         """p(x|z1) at z1 = E[p(h|y,z2)]: decoded by M2, then by M1 (y ~ p(y) unless given)."""
-        z1 = z.new_zeros(*z.shape[:-1], self.m1.z_dim)
-        z1[..., self.kept] = self.m2.decode(z, y).mean.flatten(-3)
-        return self.m1.decode(z1)
+        return self._through_m1(self.m2.decode(z, y).mean)
 
     def bound(self, x: torch.Tensor, y: torch.Tensor | None = None, qy_logits: torch.Tensor | None = None) -> Terms:
         """The stacked bound on log p(x) (``vaelab.elbo.stacked_bound``) at one z1 ~ q(z1|x), with
         M2's L(h,y) when y is given and U(h) otherwise; q(y|h) is computed on the same features
         (``qy_logits``, computed by the caller on other draws of h, is not used)."""
-        with torch.no_grad():
-            qz1 = self.m1.encode(x)
-            z1 = qz1.sample()
-            px = self.m1.decode(z1)
+        qz1, z1, px = self._m1_draws(x)
         top = self.m2.bound(self._features(z1), y)
         terms = stacked_bound(x, px, qz1, z1, self.kept, top.elbo)
         return Terms(terms["elbo"], terms["recon"], terms["kl"], extras=top.extras)
@@ -154,19 +156,16 @@ class M1M2(LatentModel):
         with M2's class-summed importance weight of h_i = z1_i[kept]: (k, B), a bound on log p(x)."""
         if dreg:
             raise ValueError("M1+M2's importance weights sum over the classes: the DReG estimator is not defined for them.")
-        with torch.no_grad():
-            qz1 = self.m1.encode(x)
-            z1 = qz1.sample((k,))
-            px = self.m1.decode(z1)
+        qz1, z1, px = self._m1_draws(x, torch.Size([k]))
         top = self.m2.log_weights(self._features(z1).flatten(0, 1), None, 1).view(k, -1)
         return stacked_bound(x, px, qz1, z1, self.kept, top)["elbo"]
 
     @torch.no_grad()
     def sample(self, n: int, y: int | torch.Tensor | None = None) -> torch.Tensor:
         """Mean images of M1's decoder at M2's mean features for z2 ~ p(z2) and the class(es) y."""
-        return self._images(self.m2.sample(n, y))
+        return self._through_m1(self.m2.sample(n, y)).mean
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x -> h -> M2's reconstruction of h -> M1's mean image, with y = argmax q(y|h) unless given."""
-        return self._images(self.m2.reconstruct(self._features(self._z1(x)), y))
+        return self._through_m1(self.m2.reconstruct(self._features(self._z1(x)), y)).mean

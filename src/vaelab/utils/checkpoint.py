@@ -67,6 +67,19 @@ def settings_from_checkpoint(cfg: DictConfig, path: str) -> None:
             cfg.model.features = len(state["model.kept"])
 
 
+def state_mismatch(saved: dict, expected: dict) -> str:
+    """How the weights ``saved`` differ from a model's state dict ``expected``: its missing and
+    unexpected keys and those of another shape, a few of each; empty when they fit."""
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    resized = sorted(k for k in set(saved) & set(expected) if saved[k].shape != expected[k].shape)
+    return "; ".join(
+        f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", resized))
+        if keys
+    )
+
+
 def check_checkpoint(path: str, model: pl.LightningModule) -> None:
     """Raise one clear error when ``path`` is missing, unreadable, or holds weights of another
     model than ``model`` (another ``model=`` choice or other layer sizes); checkpoints written
@@ -79,16 +92,8 @@ def check_checkpoint(path: str, model: pl.LightningModule) -> None:
     except Exception as error:
         raise ValueError(f"ckpt_path={path} is not a readable Lightning checkpoint ({type(error).__name__}: {error}).") from None
     expected = model.state_dict()
-    saved = upgrade_state_dict(saved, expected)
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
-    resized = sorted(k for k in set(saved) & set(expected) if saved[k].shape != expected[k].shape)
-    if missing or unexpected or resized:
-        details = "; ".join(
-            f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", resized))
-            if keys
-        )
+    details = state_mismatch(upgrade_state_dict(saved, expected), expected)
+    if details:
         raise ValueError(
             f"ckpt_path={path} does not fit model={model.hparams.get('model')} ({details}). Use the model "
             "and sizes it was trained with, e.g. the run's config.yaml: model=... model.z_dim=..."
