@@ -38,11 +38,14 @@ ROWS = {
     "m2_svhn_1000": ("test error, %", 36.02, "Kingma et al. 2014, M1+M2"),
     "m1m2_mnist_100": ("test error, %", 3.33, "Kingma et al. 2014, M1+M2"),
     "m1m2_svhn_1000": ("test error, %", 36.02, "Kingma et al. 2014, M1+M2"),
+    "adgm_mnist_100": ("test error, %", 0.96, "Maaloe et al. 2016, ADGM"),
+    "sdgm_mnist_100": ("test error, %", 1.32, "Maaloe et al. 2016, SDGM"),
+    "sdgm_svhn_1000": ("test error, %", 16.61, "Maaloe et al. 2016, SDGM"),
 }
 
 
 def our_figure(row: str, metrics: dict[str, float]) -> float:
-    if row.startswith(("m2_", "m1m2_")):
+    if row.startswith(("m2_", "m1m2_", "adgm_", "sdgm_")):
         return round(100 * (1 - metrics["test/acc"]), 2)
     if row.startswith("vae_mnist"):
         return round(metrics["test/nll_iwae"], 2)

@@ -4,8 +4,8 @@ Both train the same model (built from the same Hydra config) on the same MNIST b
 process with the same loss (``model.objective``), alternating rounds so machine noise hits both
 alike. The first ``--warmup`` steps of every run are not timed. Lightning runs as
 ``python train.py`` does (CSV logging, rich progress bar) minus validation and checkpoints, and
-also bare (no logger, no progress bar). M2 (ssvae) trains with 100 labels. Prints JSON: images/s
-(unlabeled images for M2) and the ratios, per model, and M2's step time over the VAE's.
+also bare (no logger, no progress bar). M2 (ssvae), ADGM and SDGM train with 100 labels. Prints JSON: images/s
+(unlabeled images for the semi-supervised models) and the ratios, per model, and M2's step time over the VAE's.
 ``--variant`` adds a Lightning run with more overrides to the same rounds (e.g.
 ``lit.compile=true`` or ``trainer.precision=bf16-mixed``) and reports its speed-up over the default Lightning run.
 
@@ -104,7 +104,10 @@ def plain_seconds(overrides: list[str], warmup: int, steps: int) -> float:
     return time.perf_counter() - start
 
 
-MODEL_OVERRIDES = {"vae": ["model=vae"], "cvae": ["model=cvae"], "ssvae": ["model=ssvae", "data.labeled=100"]}
+MODEL_OVERRIDES = {
+    "vae": ["model=vae"], "cvae": ["model=cvae"], "ssvae": ["model=ssvae", "data.labeled=100"],
+    "adgm": ["model=adgm", "data.labeled=100"], "sdgm": ["model=sdgm", "data.labeled=100"],
+}
 
 
 def measure(overrides: list[str], args) -> dict[str, list[float]]:

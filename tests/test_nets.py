@@ -45,7 +45,7 @@ def test_conv_encoder_convolves_and_gradients_reach_every_layer():
 
 
 def test_specs_fill_defaults_and_reject_unknown_values():
-    assert net_options(None) == {"type": "mlp", "hidden": (500, 500), "activation": "relu"}
+    assert net_options(None) == {"type": "mlp", "hidden": (500, 500), "activation": "relu", "batch_norm": False}
     assert net_options({"type": "conv", "hidden": [64]})["channels"] == (32, 64, 128)
     with pytest.raises(ValueError, match=r"Unknown network type 'resnet'; choose one of \['conv', 'mlp'\]"):
         net_options({"type": "resnet"})

@@ -82,7 +82,10 @@ def svhn_overrides(svhn_dir: Path, tmp_path: Path) -> list[str]:
 
 @pytest.mark.parametrize(
     "model, extra",
-    [("vae", []), ("cvae", []), ("ssvae", ["data.labeled=100"]), ("vae", ["likelihood=gaussian"]), ("m1m2", ["data.labeled=100"])],
+    [
+        ("vae", []), ("cvae", []), ("ssvae", ["data.labeled=100"]), ("vae", ["likelihood=gaussian"]), ("m1m2", ["data.labeled=100"]),
+        ("sdgm", ["data.labeled=100"]),
+    ],
 )
 def test_fast_dev_run_on_svhn_with_conv_nets(model, extra, svhn_dir, tmp_path):
     cfg = compose_config("train", [*svhn_overrides(svhn_dir, tmp_path), f"model={model}", *extra])

@@ -54,6 +54,23 @@ def labeled_bound(x: torch.Tensor, px: Distribution, qz: Independent, log_py: fl
     return terms
 
 
+def auxiliary_bound(
+    x: torch.Tensor, px: Distribution, qz: Independent, log_py: float | torch.Tensor, log_pa: torch.Tensor, log_qa: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The labeled bound of the auxiliary deep generative models (ADGM, SDGM; Maaloe et al. 2016)
+    at one draw a ~ q(a|x), z ~ q(z|a,x,y):
+
+        L(x,y) = log p(x|.) + log p(y) - KL(q(z|a,x,y) || p(z)) + log p(a|.) - log q(a|x),
+
+    M2's ``labeled_bound`` and the auxiliary variable's term, returned as ``kl_a`` =
+    log q(a|x) - log p(a|.) (a single-sample estimate of a's KL); ``log_pa`` and ``log_qa`` are
+    the two densities at that a."""
+    terms = labeled_bound(x, px, qz, log_py)
+    terms["kl_a"] = log_qa - log_pa
+    terms["elbo"] = terms["elbo"] - terms["kl_a"]
+    return terms
+
+
 def unlabeled_bound(per_class: dict[str, torch.Tensor], qy_logits: torch.Tensor) -> dict[str, torch.Tensor]:
     """M2's unlabeled bound  U(x) = sum_y q(y|x) L(x,y) + H(q(y|x)), per example.
 

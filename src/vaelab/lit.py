@@ -494,7 +494,7 @@ def check_training_data(model: LatentModel, labeled: int | None) -> None:
     """Models with a classifier train on a labeled/unlabeled split, the others on plain batches."""
     if model.has_classifier and labeled is None:
         raise ValueError(
-            "model=ssvae learns from a few labels and many unlabeled examples: set "
+            f"model={model_name(model)} learns from a few labels and many unlabeled examples: set "
             "data.labeled=N (a multiple of the number of classes, e.g. data.labeled=100)."
         )
     if not model.has_classifier and labeled is not None:

@@ -10,14 +10,15 @@ import torch
 from torch import nn
 
 from vaelab.nets.conv import ConvFeatures, ConvImage
-from vaelab.nets.mlp import ACTIVATIONS, MLP, ConditionalMLP
+from vaelab.nets.mlp import ACTIVATIONS, MLP, JointMLP
 
-# every option of each network type, with its default
+# every option of each network type, with its default (both: batch_norm, batch normalisation
+# before the activation of every hidden dense layer)
 NET_TYPES: dict[str, dict] = {
     # dense layers between the flattened image and the latent code (mirrored in the decoder)
-    "mlp": {"hidden": (500, 500), "activation": "relu"},
+    "mlp": {"hidden": (500, 500), "activation": "relu", "batch_norm": False},
     # 3x3 stride-2 convolutions with these channels, then dense hidden layers
-    "conv": {"channels": (32, 64, 128), "hidden": (512,), "activation": "relu"},
+    "conv": {"channels": (32, 64, 128), "hidden": (512,), "activation": "relu", "batch_norm": False},
 }
 
 
@@ -45,18 +46,27 @@ def at_least_single(out: torch.Tensor) -> torch.Tensor:
     return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
 
 
-def _head(in_features: int, hidden: Sequence[int], out_features: int, activation: str, num_classes: int | None) -> nn.Module:
-    if num_classes is None:
-        return MLP(in_features, hidden, out_features, activation)
-    return ConditionalMLP(in_features, num_classes, hidden, out_features, activation)
+def dense(in_features: int | Sequence[int], out_features: int, options: Mapping, num_classes: int | None = None, reverse: bool = False) -> nn.Module:
+    """The dense layers of a network spec (``options`` from ``net_options``; ``reverse``: its
+    hidden sizes mirrored, as in a decoder), on one input or on the concatenation of several
+    (``in_features`` a list) and the class y with ``num_classes`` (``JointMLP``)."""
+    hidden = list(reversed(options["hidden"])) if reverse else list(options["hidden"])
+    if isinstance(in_features, int) and num_classes is None:
+        return MLP(in_features, hidden, out_features, options["activation"], options["batch_norm"])
+    sizes = [in_features] if isinstance(in_features, int) else list(in_features)
+    return JointMLP(sizes, hidden, out_features, options["activation"], num_classes, options["batch_norm"])
 
 
 class Encoder(nn.Module):
-    """x [, y] -> (B, out_features): image features (the flattened pixels for ``mlp``, a
-    convolution stack for ``conv``), then dense layers. With ``num_classes`` the class enters
-    the first dense layer (``ConditionalMLP``), so ``all_classes`` computes the features once."""
+    """x [, y] [, more] -> (..., out_features): image features (the flattened pixels for
+    ``mlp``, a convolution stack for ``conv``), then dense layers. With ``num_classes`` the class
+    enters the first dense layer, so ``all_classes`` computes the features once; ``more`` names
+    the sizes of further vector inputs that enter it too (an auxiliary or latent variable), each
+    with leading dimensions that broadcast against the image batch (``JointMLP``)."""
 
-    def __init__(self, spec: Mapping | None, input_shape: Sequence[int], out_features: int, num_classes: int | None = None) -> None:
+    def __init__(
+        self, spec: Mapping | None, input_shape: Sequence[int], out_features: int, num_classes: int | None = None, more: Sequence[int] = ()
+    ) -> None:
         super().__init__()
         options = net_options(spec)
         if options["type"] == "conv":
@@ -64,15 +74,15 @@ class Encoder(nn.Module):
             n_features = self.features.out_features
         else:
             self.features, n_features = nn.Flatten(), math.prod(input_shape)
-        self.head = _head(n_features, options["hidden"], out_features, options["activation"], num_classes)
+        self.head = dense([n_features, *more] if more else n_features, out_features, options, num_classes)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, more: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         h = self.features(x)
-        return at_least_single(self.head(h) if y is None else self.head(h, y))
+        return at_least_single(self.head(h) if y is None and not more else self.head(h, *more, y=y))
 
-    def all_classes(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, *input_shape) -> (K, B, out_features), row k with y = k."""
-        return at_least_single(self.head.all_classes(self.features(x)))
+    def all_classes(self, x: torch.Tensor, more: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """(B, *input_shape) -> (K, ..., B, out_features), row k with y = k."""
+        return at_least_single(self.head.all_classes(self.features(x), *more))
 
 
 class Decoder(nn.Module):
@@ -82,16 +92,15 @@ class Decoder(nn.Module):
     def __init__(self, spec: Mapping | None, z_dim: int, output_shape: Sequence[int], num_classes: int | None = None) -> None:
         super().__init__()
         options = net_options(spec)
-        hidden = list(reversed(options["hidden"]))
         if options["type"] == "conv":
             self.image = ConvImage(output_shape, options["channels"], options["activation"])
             n_features = self.image.in_features
         else:
             self.image, n_features = nn.Unflatten(-1, tuple(output_shape)), math.prod(output_shape)
-        self.head = _head(z_dim, hidden, n_features, options["activation"], num_classes)
+        self.head = dense(z_dim, n_features, options, num_classes, reverse=True)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """z (..., z_dim), y (...) -> (..., *output_shape); leading dimensions are batch dimensions."""
         flat = z.reshape(-1, z.shape[-1])
-        out = self.image(self.head(flat) if y is None else self.head(flat, y.reshape(-1)))
+        out = self.image(self.head(flat) if y is None else self.head(flat, y=y.reshape(-1)))
         return at_least_single(out.view(*z.shape[:-1], *out.shape[1:]))
