@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from vaelab.nets import Decoder, Encoder, net_options
+from vaelab.nets import BatchNorm, Decoder, Encoder, JointMLP, net_options
 
 SPECS = [{"type": "mlp", "hidden": [32, 16]}, {"type": "conv", "channels": [8, 16], "hidden": [24]}]
 SHAPES = [(1, 28, 28), (3, 32, 32), (2, 21, 18)]
@@ -55,3 +56,32 @@ def test_specs_fill_defaults_and_reject_unknown_values():
         net_options({"type": "conv", "activation": "gelu2"})
     with pytest.raises(ValueError, match="non-empty list of positive channels"):
         net_options({"type": "conv", "channels": []})
+
+
+def test_joint_mlp_is_an_mlp_on_the_concatenated_inputs_broadcast_against_each_other():
+    """W_1 x + W_2 a + W_y[:, y] with x (B, 4) shared by the draws a (S, B, 3): the first layer of an
+    MLP on [x; a; onehot(y)]; ``all_classes`` gives every y."""
+    torch.manual_seed(0)
+    net = JointMLP([4, 3], [5], 2, num_classes=3)
+    x, a, y = torch.randn(6, 4), torch.randn(2, 6, 3), torch.randint(3, (2, 6))
+    joint = torch.cat([x.expand(2, -1, -1), a, F.one_hot(y, 3).float()], -1)
+    weight = torch.cat([net.input.weight, net.more[0].weight, net.label.weight.T], 1)
+    torch.testing.assert_close(net(x, a, y=y), net.body(joint @ weight.T + net.input.bias))
+    every = net.all_classes(x, a)
+    assert every.shape == (3, 2, 6, 2)
+    torch.testing.assert_close(every[1], net(x, a, y=torch.ones(2, 6, dtype=torch.long)))
+
+
+def test_batch_norm_normalises_over_every_leading_dimension():
+    """net.batch_norm=true: a BatchNorm before each hidden activation, whose statistics in training
+    cover samples, classes and examples alike."""
+    torch.manual_seed(0)
+    encoder = Encoder({"type": "mlp", "hidden": [8, 8], "batch_norm": True}, (1, 6, 6), 4, num_classes=3, more=[2])
+    assert sum(isinstance(m, BatchNorm) for m in encoder.modules()) == 2
+    norm = BatchNorm(5)
+    h = torch.randn(3, 2, 7, 5) * 4 + 1
+    out = norm(h)
+    torch.testing.assert_close(out.mean((0, 1, 2)), torch.zeros(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.flatten(0, 2).var(0, unbiased=False), torch.ones(5), atol=1e-3, rtol=0)
+    norm.eval()  # the running statistics afterwards: deterministic, one example at a time
+    torch.testing.assert_close(norm(h)[1, 0], norm(h[1, 0]))
