@@ -84,6 +84,17 @@ def test_the_cosine_schedule_starts_at_the_configured_lr_and_anneals_to_zero_ove
     assert seen.lrs == [0.1] * 8
 
 
+def test_the_step_schedule_decays_every_few_epochs_down_to_its_floor():
+    """lit.lr_schedule=step: lr x factor every ``epochs`` epochs, never below ``lowest`` x lr."""
+    sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+    seen = LearningRates()
+    module = LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=sgd, lr_schedule="step", lr_step={"epochs": 2, "factor": 0.5, "lowest": 0.3})
+    trainer = pl.Trainer(max_epochs=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", callbacks=[seen])
+    trainer.fit(module, train_dataloaders=batches(1))
+    assert seen.lrs == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.03, 0.03])
+
+
 def test_with_a_time_limit_the_schedule_follows_whichever_budget_is_further_spent(monkeypatch):
     from pytorch_lightning.callbacks import Timer
 
@@ -115,7 +126,8 @@ def test_trainer_level_clipping_is_refused_with_the_option_to_use(quick_override
     ({"accumulate_grad_batches": 0}, "lit.accumulate_grad_batches must be a positive integer"),
     ({"alpha": -1.0}, "lit.alpha must be >= 0"),
     ({"class_balance": -1.0}, "lit.class_balance must be >= 0"),
-    ({"lr_schedule": "linear"}, "lit.lr_schedule='linear' must be one of constant, cosine"),
+    ({"lr_schedule": "linear"}, "lit.lr_schedule='linear' must be one of constant, cosine, step"),
+    ({"lr_step": {"epochs": 0, "factor": 0.5, "lowest": 0.1}}, r"lit.lr_step must be \{epochs: a positive integer"),
 ])
 def test_impossible_settings_fail_clearly(options, message):
     with pytest.raises(ValueError, match=message):
