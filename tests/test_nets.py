@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from vaelab.nets import BatchNorm, Decoder, Encoder, JointMLP, net_options
 
@@ -85,3 +86,9 @@ def test_batch_norm_normalises_over_every_leading_dimension():
     torch.testing.assert_close(out.flatten(0, 2).var(0, unbiased=False), torch.ones(5), atol=1e-3, rtol=0)
     norm.eval()  # the running statistics afterwards: deterministic, one example at a time
     torch.testing.assert_close(norm(h)[1, 0], norm(h[1, 0]))
+    encoder.eval()  # trainer.sync_batchnorm=true swaps in SyncBatchNorm, which takes the same (N, C) inputs
+    x, a = torch.rand(5, 1, 6, 6), torch.randn(2, 5, 2)
+    before = encoder.all_classes(x, more=(a,))
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == 2
+    torch.testing.assert_close(synced.all_classes(x, more=(a,)), before)

@@ -10,12 +10,18 @@ from torch import nn
 ACTIVATIONS = {"relu": nn.ReLU, "softplus": nn.Softplus, "tanh": nn.Tanh, "elu": nn.ELU}
 
 
-class BatchNorm(nn.BatchNorm1d):
+class BatchNorm(nn.Module):
     """Batch normalisation of the last dimension (Ioffe & Szegedy 2015), its statistics taken
-    over every leading dimension (samples, classes and examples alike)."""
+    over every leading dimension (samples, classes and examples alike). It holds a plain
+    ``BatchNorm1d`` of (N, C) inputs, which ``trainer.sync_batchnorm=true`` may swap for its
+    synchronised version."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(features)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return super().forward(h.reshape(-1, h.shape[-1])).view(h.shape)
+        return self.norm(h.reshape(-1, h.shape[-1])).view(h.shape)
 
 
 def _hidden(features: int, activation: str, batch_norm: bool) -> list[nn.Module]:
