@@ -152,8 +152,8 @@ class ADGM(LatentModel):
     def log_weights(self, x: torch.Tensor, y: torch.Tensor | None, k: int, dreg: bool = False) -> torch.Tensor:
         """log w_i = log sum_y p(x, y, a_i, z_iy) / (q(a_i|x) q(z_iy|a_i,x,y)) for k draws
         a_i ~ q(a|x) and z_iy ~ q(z|a_i,x,y) for every class: (k, B) importance weights whose
-        mean estimates p(x) (p(a|.) integrates to one), so the importance-weighted bound bounds
-        log p(x). ``y`` (labels) is not used; ``dreg`` is not defined for these weights."""
+        mean estimates p(x) = sum_y of the integral of p(x,y,a,z) over a and z, so the
+        importance-weighted bound bounds log p(x). ``y`` (labels) is not used; ``dreg`` is not defined for these weights."""
         if dreg:
             raise ValueError(f"{type(self).__name__}'s importance weights sum over the classes: the DReG estimator is not defined for them.")
         qa = self.posterior_a(x)
