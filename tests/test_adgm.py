@@ -12,6 +12,7 @@ from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from vaelab.elbo import iwae_bound
 from vaelab.models import ADGM, SDGM
+from vaelab.models.adgm import MIN_LOG_VAR, gaussian
 from vaelab.train import train
 from conftest import compose_config, run_script
 
@@ -130,6 +131,16 @@ def test_the_classifier_averages_q_y_given_a_over_its_draws(model_class, monkeyp
     model.eval()
     model.classify(x)
     assert drawn == [(3,), (3,), (7,)]
+
+
+def test_log_variances_have_a_floor_that_keeps_gradients_finite():
+    """A learned p(a|.) whose variance collapses (an SDGM run reached log-variances of -43 and
+    overflowing gradients) is held at MIN_LOG_VAR."""
+    params = torch.tensor([[0.0, -100.0]], requires_grad=True)
+    q = gaussian(params)
+    assert q.base_dist.scale.item() == pytest.approx(math.exp(MIN_LOG_VAR / 2))
+    q.log_prob(torch.tensor([[1.0]])).sum().backward()
+    assert torch.isfinite(params.grad).all()
 
 
 def test_settings_are_checked():

@@ -31,9 +31,16 @@ from vaelab.nets.networks import at_least_single
 from vaelab.posteriors import Posterior
 
 
+# the floor of every log-variance (a standard deviation of 3e-4): a learned p(a|.) and q(a|x)
+# can otherwise narrow together until the gradients of their densities overflow
+MIN_LOG_VAR = -16.0
+
+
 def gaussian(params: torch.Tensor) -> Independent:
-    """A diagonal Gaussian from a network's (..., 2 * dim) outputs: means, then log-variances."""
-    return diag_gaussian(*params.chunk(2, -1))
+    """A diagonal Gaussian from a network's (..., 2 * dim) outputs: means, then log-variances
+    (at least ``MIN_LOG_VAR``)."""
+    mu, logvar = params.chunk(2, -1)
+    return diag_gaussian(mu, logvar.clamp_min(MIN_LOG_VAR))
 
 
 class ADGM(LatentModel):
