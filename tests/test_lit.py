@@ -109,6 +109,21 @@ def test_with_a_time_limit_the_schedule_follows_whichever_budget_is_further_spen
     assert seen.lrs[0] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 4)))
 
 
+def test_a_non_finite_gradient_of_a_finite_loss_stops_training_before_its_update(monkeypatch):
+    module = LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    original = module.objective
+
+    def objective(batch):  # sqrt(|0 w|) is 0, its gradient is not finite
+        loss, metrics = original(batch)
+        return loss + (module.model.encoder.head[0].weight[0, 0] * 0).abs().sqrt(), metrics
+
+    monkeypatch.setattr(module, "objective", objective)
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(FloatingPointError, match=r"Non-finite gradient at step 0 \(epoch 0\) of a finite loss, in encoder.head.0.weight"):
+        fit(module, 2)
+    assert all(torch.equal(b, p) for b, p in zip(before, module.parameters()))
+
+
 def test_the_progress_bar_shows_the_training_bound():
     module = LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=lambda p: torch.optim.Adam(p))
     trainer = fit(module, 2, log_every_n_steps=1)

@@ -344,8 +344,17 @@ class LitModel(pl.LightningModule):
         return optimizer.param_groups[0]["lr"]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Gradients are unscaled here under mixed precision: skip a non-finite step's update
-        (accelerators), then clip."""
+        """Gradients are unscaled here under mixed precision: stop at a non-finite gradient (CPU)
+        or skip a non-finite step's update (accelerators), then clip."""
+        if self.reads_loss_every_step(next(self.model.parameters())):  # a finite loss can still have an overflowing gradient
+            bad = [name for name, p in self.model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            if bad:
+                raise FloatingPointError(
+                    f"Non-finite gradient at step {self.global_step} (epoch {self.current_epoch}) of a finite loss, in "
+                    f"{', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}. Training stopped without applying that "
+                    "step's update; checkpoints/last.ckpt holds finite weights. Lower lit.optimizer.lr or set "
+                    "lit.gradient_clip_val, then resume with ckpt_path=...last.ckpt."
+                )
         if self._skip_update is not None:
             for parameter in self.model.parameters():
                 if parameter.grad is not None:
