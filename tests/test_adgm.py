@@ -11,6 +11,7 @@ import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from vaelab.elbo import iwae_bound
+from vaelab.lit import check_training_data
 from vaelab.models import ADGM, SDGM
 from vaelab.models.adgm import MIN_LOG_VAR, gaussian
 from vaelab.train import train
@@ -150,6 +151,8 @@ def test_settings_are_checked():
         tiny(SDGM, posterior={"type": "planar", "length": 2})
     with pytest.raises(ValueError, match="DReG estimator is not defined"):
         tiny(ADGM).log_weights(images(), None, 2, dreg=True)
+    with pytest.raises(ValueError, match="model=sdgm learns from a few labels .* set data.labeled=N"):
+        check_training_data(tiny(SDGM), None)
 
 
 @pytest.mark.parametrize("name", ["adgm", "sdgm"])
