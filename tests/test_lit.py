@@ -170,6 +170,25 @@ def test_on_an_accelerator_a_bad_step_is_skipped_and_the_run_stops_when_it_next_
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
+
+def test_on_an_accelerator_a_non_finite_gradient_of_a_finite_loss_is_skipped_and_named_when_the_run_next_logs(monkeypatch):
+    monkeypatch.setattr(LitModel, "reads_loss_every_step", lambda self, loss: False)
+    module = LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    original, calls = module.objective, {"n": 0}
+
+    def objective(batch):  # at step 2, sqrt(|0 w|): 0 added to the loss, a non-finite gradient
+        loss, metrics = original(batch)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            loss = loss + (module.model.encoder.head[0].weight[0, 0] * 0).abs().sqrt()
+        return loss, metrics
+
+    monkeypatch.setattr(module, "objective", objective)
+    with pytest.raises(FloatingPointError, match=r"Non-finite gradient at step 2 \(epoch 0\) of a finite loss\. Training stopped"):
+        fit(module, 10, log_every_n_steps=5)
+    assert calls["n"] == 5  # it stopped at step 4, the first that logs
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
 def legacy(state_dict: dict) -> dict:
     """A state dict as it was written when the LightningModule was the model itself."""
     return {key.removeprefix("model.").removeprefix("vae."): value for key, value in state_dict.items()}

@@ -175,9 +175,10 @@ class LitModel(pl.LightningModule):
             self.val_acc = MulticlassAccuracy(model.num_classes, average="micro")
             self.test_acc = MulticlassAccuracy(model.num_classes, average="micro")
             self.test_confusion = MulticlassConfusionMatrix(model.num_classes)  # rows: true class
-        # a non-finite loss on an accelerator is found without waiting for the device: its
-        # update is skipped there and the run stops at the next step that logs
-        self._bad_step: torch.Tensor | None = None
+        # a non-finite loss or gradient on an accelerator is found without waiting for the
+        # device: its update is skipped there and the run stops at the next step that logs
+        self._bad_step: torch.Tensor | None = None  # the first step with a non-finite loss
+        self._bad_gradient_step: torch.Tensor | None = None  # ... with a finite loss and a non-finite gradient
         self._skip_update: torch.Tensor | None = None
 
     @property
@@ -344,17 +345,22 @@ class LitModel(pl.LightningModule):
         return optimizer.param_groups[0]["lr"]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Gradients are unscaled here under mixed precision: stop at a non-finite gradient (CPU)
-        or skip a non-finite step's update (accelerators), then clip."""
+        """Gradients are unscaled here under mixed precision: stop at a non-finite gradient of a
+        finite loss (CPU) or record it and skip its update (accelerators), as ``_guard`` does for
+        the loss; then clip."""
         if self.reads_loss_every_step(next(self.model.parameters())):  # a finite loss can still have an overflowing gradient
             bad = [name for name, p in self.model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
             if bad:
-                raise FloatingPointError(
-                    f"Non-finite gradient at step {self.global_step} (epoch {self.current_epoch}) of a finite loss, in "
-                    f"{', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}. Training stopped without applying that "
-                    "step's update; checkpoints/last.ckpt holds finite weights. Lower lit.optimizer.lr or set "
-                    "lit.gradient_clip_val, then resume with ckpt_path=...last.ckpt."
-                )
+                self._raise_non_finite_gradient(self.global_step, f", in {', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}")
+        else:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads)) if grads else None
+            if bad is not None:
+                if self._skip_update is not None:
+                    bad = bad & ~self._skip_update  # a non-finite loss is recorded as such
+                first = self._bad_gradient_step if self._bad_gradient_step is not None else torch.full_like(bad, -1, dtype=torch.long)
+                self._bad_gradient_step = torch.where((first < 0) & bad, self.global_step, first)
+                self._skip_update = bad if self._skip_update is None else self._skip_update | bad
         if self._skip_update is not None:
             for parameter in self.model.parameters():
                 if parameter.grad is not None:
@@ -388,6 +394,15 @@ class LitModel(pl.LightningModule):
     def _raise_if_bad(self, metrics: dict[str, torch.Tensor]) -> None:
         if self._bad_step is not None and int(self._bad_step) >= 0:
             self._raise_non_finite(int(self._bad_step), metrics)
+        if self._bad_gradient_step is not None and int(self._bad_gradient_step) >= 0:
+            self._raise_non_finite_gradient(int(self._bad_gradient_step), "")
+
+    def _raise_non_finite_gradient(self, step: int, where: str) -> None:
+        raise FloatingPointError(
+            f"Non-finite gradient at step {step} (epoch {self.current_epoch}) of a finite loss{where}. Training stopped "
+            "without applying that step's update; checkpoints/last.ckpt holds finite weights. Lower lit.optimizer.lr or "
+            "set lit.gradient_clip_val, then resume with ckpt_path=...last.ckpt."
+        )
 
     def _raise_non_finite(self, step: int, metrics: dict[str, torch.Tensor]) -> None:
         values = ", ".join(f"train/{name}={float(value.detach()):.4g}" for name, value in metrics.items())
