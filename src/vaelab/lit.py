@@ -188,6 +188,13 @@ class LitModel(pl.LightningModule):
         conditional = self.model.num_classes is not None and not self.model.has_classifier
         return "elbo_given_y" if conditional else "elbo"
 
+    @property
+    def trained_bound(self) -> str:
+        """The bound training maximises: ``bound_name``, or its ``iwae`` counterpart (L_k with
+        ``k`` samples) for ``objective="iwae"``; validation logs it, and by default the best
+        checkpoint is the one where it is highest."""
+        return self.bound_name.replace("elbo", "iwae") if self.objective_name == "iwae" else self.bound_name
+
     # -- building ------------------------------------------------------------------------
     def configure_model(self) -> None:
         """With ``compile=True``, compile the training loss ``objective`` (networks, likelihood
@@ -435,6 +442,8 @@ class LitModel(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         terms, logits = self.evaluation_terms(*batch)
+        if self.trained_bound != self.bound_name:
+            terms[self.trained_bound] = self.iwae(*batch, self.k)
         self.log_terms(terms, "val")
         if logits is not None:
             self.val_acc(logits, batch[1])

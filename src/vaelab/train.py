@@ -155,7 +155,7 @@ def _train(cfg: DictConfig, ckpt_path: str | None) -> dict[str, float]:
     if isinstance(model.model, M1M2) and cfg.get("train") and not ckpt_path:
         model = prepare_m1(cfg, model, datamodule)
     with open_dict(cfg):  # what the model resolved, so the saved and logged config show it
-        cfg.optimized_metric = cfg.get("optimized_metric") or f"val/{model.bound_name}"
+        cfg.optimized_metric = cfg.get("optimized_metric") or f"val/{model.trained_bound}"
         cfg.lit.alpha = model.alpha
     if cfg.get("train") and cfg.optimized_metric.startswith("val/") and datamodule.val_size == 0:
         raise ValueError(
