@@ -170,7 +170,6 @@ def test_on_an_accelerator_a_bad_step_is_skipped_and_the_run_stops_when_it_next_
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
-
 def test_on_an_accelerator_a_non_finite_gradient_of_a_finite_loss_is_skipped_and_named_when_the_run_next_logs(monkeypatch):
     monkeypatch.setattr(LitModel, "reads_loss_every_step", lambda self, loss: False)
     module = LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
@@ -188,6 +187,7 @@ def test_on_an_accelerator_a_non_finite_gradient_of_a_finite_loss_is_skipped_and
         fit(module, 10, log_every_n_steps=5)
     assert calls["n"] == 5  # it stopped at step 4, the first that logs
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
 
 def legacy(state_dict: dict) -> dict:
     """A state dict as it was written when the LightningModule was the model itself."""

@@ -61,7 +61,6 @@ def test_iwae_objective_logs_a_bound_above_its_elbo_and_trains_the_cvae_given_y(
     assert fit(module, 3).global_step == 3
 
 
-
 def test_an_importance_weighted_run_validates_and_keeps_its_best_checkpoint_by_the_bound_it_trains(quick_overrides, tmp_path):
     short = ["trainer.max_epochs=1", "trainer.limit_train_batches=5", "trainer.limit_val_batches=4", "test=false"]
     cfg = compose_config("train", [*quick_overrides, *short, "lit.objective=iwae", "lit.k=4"])
@@ -71,6 +70,7 @@ def test_an_importance_weighted_run_validates_and_keeps_its_best_checkpoint_by_t
     plain = [o for o in quick_overrides if not o.startswith("paths.output_dir")] + [f"paths.output_dir={tmp_path / 'elbo'}"]
     cfg = compose_config("train", [*plain, *short])
     assert "val/iwae" not in train(cfg) and cfg.optimized_metric == "val/elbo"
+
 
 def parameter_grads(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
     return list(torch.autograd.grad(loss, params, retain_graph=True))

@@ -355,19 +355,17 @@ class LitModel(pl.LightningModule):
         """Gradients are unscaled here under mixed precision: stop at a non-finite gradient of a
         finite loss (CPU) or record it and skip its update (accelerators), as ``_guard`` does for
         the loss; then clip."""
-        if self.reads_loss_every_step(next(self.model.parameters())):  # a finite loss can still have an overflowing gradient
-            bad = [name for name, p in self.model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-            if bad:
-                self._raise_non_finite_gradient(self.global_step, f", in {', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}")
-        else:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads)) if grads else None
-            if bad is not None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:  # a finite loss can still have an overflowing gradient
+            bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
+            if self.reads_loss_every_step(bad):
+                names = [name for name, p in self.model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()] if bad else []
+                if names:  # (an overflowing norm alone is not a non-finite gradient)
+                    self._raise_non_finite_gradient(self.global_step, f", in {', '.join(names[:3])}{' and more' if len(names) > 3 else ''}")
+            else:
                 if self._skip_update is not None:
                     bad = bad & ~self._skip_update  # a non-finite loss is recorded as such
-                first = self._bad_gradient_step if self._bad_gradient_step is not None else torch.full_like(bad, -1, dtype=torch.long)
-                self._bad_gradient_step = torch.where((first < 0) & bad, self.global_step, first)
-                self._skip_update = bad if self._skip_update is None else self._skip_update | bad
+                self._bad_gradient_step = self._record_bad(self._bad_gradient_step, bad)
         if self._skip_update is not None:
             for parameter in self.model.parameters():
                 if parameter.grad is not None:
@@ -389,10 +387,15 @@ class LitModel(pl.LightningModule):
             if bad:
                 self._raise_non_finite(self.global_step, metrics)
             return
-        if self._bad_step is None:
-            self._bad_step = torch.full((), -1, device=loss.device)
-        self._bad_step = torch.where((self._bad_step < 0) & bad, self.global_step, self._bad_step)
+        self._bad_step = self._record_bad(self._bad_step, bad)
+
+    def _record_bad(self, first: torch.Tensor | None, bad: torch.Tensor) -> torch.Tensor:
+        """On the device, without reading it: skip this step's update if ``bad``, and return the
+        first bad step recorded (``first``, -1 while there is none), now this one if it is the first."""
         self._skip_update = bad if self._skip_update is None else self._skip_update | bad
+        if first is None:
+            first = torch.full((), -1, device=bad.device)
+        return torch.where((first < 0) & bad, self.global_step, first)
 
     def reads_loss_every_step(self, loss: torch.Tensor) -> bool:
         """Reading a CPU tensor costs nothing; reading an accelerator's waits for the device."""
