@@ -59,16 +59,20 @@ def run(command: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", default=["m2_mnist_100", "vae_mnist"], choices=sorted(ROWS))
     parser.add_argument("--minutes", type=float, default=30.0, help="training budget per row")
     parser.add_argument("--iwae-k", type=int, default=5000, help="importance samples for the VAE's NLL")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "results" / "paper_table.md")
-    parser.add_argument("--eval", nargs="*", default=[], help="Hydra overrides for evaluate.py only, e.g. eval.iwae_rows=5000")
+    # one value per flag, so that the overrides after it still reach train.py
+    parser.add_argument("--eval", action="append", default=[], help="a Hydra override for evaluate.py only, e.g. eval.iwae_rows=5000 (repeat for more)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for train.py and evaluate.py, e.g. trainer=gpu")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
+
+def main() -> None:
+    args = parse_args()
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     budget = f"00:{int(args.minutes // 60):02d}:{int(args.minutes % 60):02d}:{round(args.minutes % 1 * 60):02d}"
     hardware = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores ({platform.machine()})"

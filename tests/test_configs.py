@@ -64,9 +64,9 @@ def test_data_picks_net_and_likelihood_unless_told_otherwise(quick_overrides):
 @pytest.mark.parametrize("trainer", options("trainer"))
 def test_trainers_instantiate(trainer, quick_overrides):
     cfg = compose_config("train", [*quick_overrides, f"trainer={trainer}"])
-    available = {"gpu": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(cfg.trainer.accelerator, True):
-        pytest.skip(f"no {cfg.trainer.accelerator} device here; the config composed")
+    available = {"gpu": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
+    if available.get(cfg.trainer.accelerator, cfg.trainer.devices) < cfg.trainer.devices:
+        pytest.skip(f"{cfg.trainer.devices} {cfg.trainer.accelerator} device(s) wanted, fewer here; the config composed")
     assert hydra.utils.instantiate(cfg.trainer, logger=False).max_epochs == cfg.trainer.max_epochs
 
 
