@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hydra
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -132,6 +133,19 @@ def test_stage_two_gets_what_is_left_of_the_time_budget():
     assert time_left("00:01:00:00", 1500.4) == "00:00:34:59"
     assert time_left({"days": 1, "minutes": 1}, 90) == "00:23:59:30"
     assert time_left("00:00:01:00", 600) == "00:00:00:01"
+
+
+def test_stage_one_trains_m1_with_its_own_lit_settings(quick_overrides, monkeypatch):
+    stages = []
+    monkeypatch.setattr(vaelab.train, "train", stages.append)
+    cfg = compose_config("train", [*quick_overrides, "experiment=m1m2_mnist_100", "model.m1_lit.kl_warmup_steps=7", "lit.optimizer.lr=3e-4"])
+    vaelab.train.train_m1(cfg)
+    (stage,) = stages
+    assert stage.model._target_ == "vaelab.models.VAE" and stage.data.labeled is None
+    assert stage.lit.kl_warmup_steps == 7 and stage.lit.optimizer.lr == 3e-4
+    assert "alpha" not in stage.lit  # M2's settings stay with stage 2
+    module = vaelab.train.build(stage, hydra.utils.instantiate(stage.data))
+    assert module.kl_warmup_steps == 7
 
 
 @pytest.mark.slow

@@ -63,7 +63,8 @@ def build(cfg: DictConfig, datamodule: ImageDataModule, **options) -> LitModel:
 
 def train_m1(cfg: DictConfig) -> str | None:
     """Stage 1 of M1+M2: M1 (``model.z_dim``, ``net=``, ``likelihood=``, ``posterior=``, as
-    ``model=vae`` takes them) trained on every training image for ``model.m1_epochs`` epochs, as
+    ``model=vae`` takes them) trained on every training image for ``model.m1_epochs`` epochs with
+    ``lit.optimizer`` and ``model.m1_lit`` (e.g. ``{kl_warmup_steps: 20000}``), as
     a run of its own in ``<run>/m1`` (resumed from its last checkpoint if the job restarts);
     returns that checkpoint."""
     out = Path(cfg.paths.output_dir) / "m1"
@@ -73,7 +74,7 @@ def train_m1(cfg: DictConfig) -> str | None:
         stage.model = OmegaConf.create({"_target_": "vaelab.models.VAE", "_convert_": "all"})
         for key in ("input_shape", "z_dim", "net", "likelihood", "posterior"):
             stage.model[key] = cfg.model[key]
-        stage.lit = OmegaConf.create({"_target_": cfg.lit._target_, "optimizer": cfg.lit.optimizer})
+        stage.lit = OmegaConf.merge({"_target_": cfg.lit._target_, "optimizer": cfg.lit.optimizer}, cfg.model.get("m1_lit") or {})
         stage.data.labeled = None
         stage.trainer.max_epochs = cfg.model.m1_epochs
         stage.paths.output_dir = str(out)

@@ -45,8 +45,8 @@ class M1M2(LatentModel):
     ``posterior``, as ``model=vae`` takes them; ``m2`` holds M2's settings (``z_dim``, ``net``,
     ``likelihood``, ``classifier_net``), M2 reading ``features`` dimensions of z1 (null: all; a
     run with ``model.features=null`` keeps the active ones, ``vaelab.train.prepare_m1``).
-    ``m1_ckpt`` (a trained ``model=vae`` run with the same M1 settings) and ``m1_epochs`` are read
-    by train.py, which trains or loads M1 before M2 trains (``vaelab.train.prepare_m1``); the
+    ``m1_ckpt`` (a trained ``model=vae`` run with the same M1 settings), ``m1_epochs`` and
+    ``m1_lit`` (stage 1's training settings beside ``lit.optimizer``) are read by train.py, which trains or loads M1 before M2 trains (``vaelab.train.prepare_m1``); the
     model's own checkpoints hold M1's weights, so evaluation needs neither."""
 
     has_classifier = True
@@ -64,6 +64,7 @@ class M1M2(LatentModel):
         features: int | None = None,
         m1_ckpt: str | None = None,
         m1_epochs: int = 50,
+        m1_lit: Mapping | None = None,
     ) -> None:
         super().__init__()
         self.m1 = VAE(input_shape, z_dim, None, net, likelihood, posterior)
@@ -85,7 +86,7 @@ class M1M2(LatentModel):
         self.input_shape, self.z_dim, self.num_classes = self.m1.input_shape, self.m2.z_dim, num_classes
         self.likelihood = self.m1.likelihood  # of the images
         self.rows_per_sample = num_classes
-        self.m1_ckpt, self.m1_epochs = m1_ckpt, m1_epochs
+        self.m1_ckpt, self.m1_epochs, self.m1_lit = m1_ckpt, m1_epochs, dict(m1_lit or {})
 
     # -- M1 -------------------------------------------------------------------------------
     def load_m1(self, path: str | Path) -> None:
