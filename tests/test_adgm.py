@@ -134,6 +134,23 @@ def test_the_classifier_averages_q_y_given_a_over_its_draws(model_class, monkeyp
     assert drawn == [(3,), (3,), (7,)]
 
 
+@pytest.mark.parametrize("model_class", MODELS)
+def test_encoding_and_reconstructing_read_q_a_given_x_once(model_class, monkeypatch):
+    """encode and reconstruct classify with the q(a|x) they take the mean of, without a second pass."""
+    model = tiny(model_class).eval()
+    x = images()
+    calls = []
+    forward = type(model.qa).forward
+    monkeypatch.setattr(type(model.qa), "forward", lambda self, *args, **kw: calls.append(self) or forward(self, *args, **kw))
+    model.encode(x)
+    model.reconstruct(x)
+    assert [c for c in calls if c is model.qa] == [model.qa, model.qa]
+    labels = torch.arange(5) % 4
+    torch.manual_seed(0)
+    given = model.encode(x, labels).mean
+    torch.testing.assert_close(given, gaussian(model.qz(x, labels, more=(model.posterior_a(x).mean,))).mean)
+
+
 def test_log_variances_have_a_floor_that_keeps_gradients_finite():
     """A learned p(a|.) whose variance collapses (an SDGM run reached log-variances of -43 and
     overflowing gradients) is held at MIN_LOG_VAR."""

@@ -106,17 +106,23 @@ class ADGM(LatentModel):
         """Logits of q(y|a,x) for draws a (..., B, a_dim)."""
         return self.qy(x, more=(a,))
 
-    def classify(self, x: torch.Tensor) -> torch.Tensor:
+    def classify(self, x: torch.Tensor, qa: Independent | None = None) -> torch.Tensor:
         """Logits of q(y|x) = E_q(a|x)[q(y|a,x)], estimated as log (1/S) sum_s q(y|a_s,x) with
-        S = ``samples`` draws of a in training, ``classify_samples`` otherwise."""
+        S = ``samples`` draws of a in training, ``classify_samples`` otherwise (``qa``: q(a|x) if
+        the caller has it)."""
         draws = self.samples if self.training else self.classify_samples
-        a = self.posterior_a(x).rsample((draws,))
+        a = (self.posterior_a(x) if qa is None else qa).rsample((draws,))
         return torch.logsumexp(self.classify_at(x, a).log_softmax(-1), 0) - math.log(draws)
+
+    def _mean_a_and_class(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean of q(a|x), and y, or argmax q(y|x) when y is not given."""
+        qa = self.posterior_a(x)
+        return qa.mean, self.classify(x, qa).argmax(-1) if y is None else y
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None):
         """q(z|a,x,y) at the mean of q(a|x), with y = argmax q(y|x) unless given."""
-        a = self.posterior_a(x).mean
-        return gaussian(self.qz(x, self.classify(x).argmax(-1) if y is None else y, more=(a,)))
+        a, y = self._mean_a_and_class(x, y)
+        return gaussian(self.qz(x, y, more=(a,)))
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None):
         """p(x|y,z), with y ~ p(y) unless given (SDGM: at the mean of p(a|y,z))."""
@@ -182,8 +188,7 @@ class ADGM(LatentModel):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Mean of p(x|.) at the means of q(a|x) and q(z|a,x,y), with y = argmax q(y|x) unless given."""
-        a = self.posterior_a(x).mean
-        y = self.classify(x).argmax(-1) if y is None else y
+        a, y = self._mean_a_and_class(x, y)
         return self.observation(a, gaussian(self.qz(x, y, more=(a,))).mean, y).mean
 
 
