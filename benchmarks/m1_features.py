@@ -2,7 +2,8 @@
 features (posterior means whose standard deviation over the training images exceeds 0.1, as
 ``model=m1m2`` keeps them), the test accuracy of a 1-nearest-neighbour classifier on the features
 of ``--labeled`` balanced labels, and the test accuracy of an MLP (one hidden layer of 500)
-trained on the features of every training label, a ceiling for any classifier that reads them.
+trained on the features of every training label (the training split of the last of
+``--split-seeds``), a ceiling for any classifier that reads them.
 
     python benchmarks/m1_features.py <run>/checkpoints/last.ckpt --labeled 100 --split-seeds 0 1
 """
@@ -20,15 +21,12 @@ from omegaconf import OmegaConf, open_dict
 
 import vaelab.utils  # noqa: F401  (registers the resolvers of saved run configs)
 from vaelab.data.split import balanced_split
-from vaelab.models.m1m2 import ACTIVE_SPREAD, active_count
-from vaelab.posteriors import posterior_point
+from vaelab.models.m1m2 import ACTIVE_SPREAD, active_count, posterior_means
 
 
-@torch.no_grad()
 def features(model, datamodule, images: torch.Tensor) -> torch.Tensor:
     """Posterior means of q(z1|x) for evaluation images (``prepare_eval_images``)."""
-    x = datamodule.preprocess((images, None), train=False)[0]
-    return torch.cat([posterior_point(model.encode(batch)) for batch in x.split(1000)])
+    return posterior_means(model, datamodule.preprocess((images, None), train=False)[0])
 
 
 def nearest_neighbour_accuracy(train: torch.Tensor, labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor) -> float:

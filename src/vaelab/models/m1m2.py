@@ -30,9 +30,14 @@ ACTIVE_SPREAD = 0.1
 
 
 @torch.no_grad()
+def posterior_means(m1: VAE, images: torch.Tensor) -> torch.Tensor:
+    """M1's posterior means for ``images`` (model inputs), the features M2 reads outside training."""
+    return torch.cat([posterior_point(m1.encode(x)) for x in images.split(1000)])
+
+
 def feature_spread(m1: VAE, images: torch.Tensor) -> torch.Tensor:
     """The standard deviation of each dimension of M1's posterior mean over ``images``."""
-    return torch.cat([posterior_point(m1.encode(x)) for x in images.split(1000)]).std(0)
+    return posterior_means(m1, images).std(0)
 
 
 def active_count(spread: torch.Tensor) -> int:
