@@ -14,7 +14,7 @@ from vaelab.distributions import standard_normal
 from vaelab.models import M1M2, VAE
 from vaelab.models.m1m2 import active_count, feature_spread
 from vaelab.train import time_left, train
-from vaelab.utils.checkpoint import settings_from_checkpoint
+from vaelab.utils.checkpoint import settings_from_checkpoint, state_mismatch
 from conftest import compose_config, run_script
 
 NET = {"type": "mlp", "hidden": [16]}
@@ -138,7 +138,10 @@ def test_stage_two_gets_what_is_left_of_the_time_budget():
 def test_stage_one_trains_m1_with_its_own_lit_settings(quick_overrides, monkeypatch):
     stages = []
     monkeypatch.setattr(vaelab.train, "train", stages.append)
-    cfg = compose_config("train", [*quick_overrides, "experiment=m1m2_mnist_100", "model.m1_lit.kl_warmup_steps=7", "lit.optimizer.lr=3e-4"])
+    cfg = compose_config(
+        "train",
+        [*quick_overrides, "experiment=m1m2_mnist_100", "model.m1_lit.kl_warmup_steps=7", "lit.optimizer.lr=3e-4", "model.autoregressive=[16]"],
+    )
     vaelab.train.train_m1(cfg)
     (stage,) = stages
     assert stage.model._target_ == "vaelab.models.VAE" and stage.data.labeled is None
@@ -146,6 +149,10 @@ def test_stage_one_trains_m1_with_its_own_lit_settings(quick_overrides, monkeypa
     assert "alpha" not in stage.lit  # M2's settings stay with stage 2
     module = vaelab.train.build(stage, hydra.utils.instantiate(stage.data))
     assert module.kl_warmup_steps == 7
+    # M1's settings, the autoregressive decoder's too, are the same in both stages: stage 2 loads stage 1's weights
+    both = hydra.utils.instantiate(cfg.model)
+    assert not state_mismatch(module.model.state_dict(), both.m1.state_dict())
+    assert both.m1.made.layers[0].out_features == 16
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ Images reach the observation models as floats in [0, 1]: {0, 1} after binarizati
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,45 @@ def normal_values(loc: torch.Tensor, log_scale: torch.Tensor) -> Independent:
     features in M1+M2 (not on pixels); one event over the last three dimensions."""
     scale = torch.exp(log_scale.expand_as(loc).clamp(min=MIN_LOG_SCALE))
     return Independent(Normal(loc, scale, validate_args=False), 3)
+
+
+class AutoregressiveBernoulli(Distribution):
+    """p(x|z) = prod_i Bernoulli(x_i; sigmoid(l_i)), l_i = ``logits(x)``_i a function of z and
+    of the pixels before i in raster order only (an autoregressive decoder, as in DARN, Gregor et
+    al. 2014, and MADE, Germain et al. 2015): a normalised probability of the binary image with
+    pixels that depend on each other given z. ``logits`` maps images (..., C, H, W) broadcasting
+    against ``batch_shape`` to logits (*batch_shape, C, H, W). One event over (C, H, W).
+
+    ``log_prob`` costs one pass of the network; ``sample`` and ``mean`` draw pixel by pixel,
+    one pass per pixel. The mean has no closed form: ``mean`` returns the probabilities
+    p(x_i = 1 | x_<i, z) along one ancestral draw x ~ p(x|z), the image such a decoder shows."""
+
+    support = constraints.independent(constraints.boolean, 3)
+
+    def __init__(self, logits: Callable[[torch.Tensor], torch.Tensor], batch_shape: torch.Size, event_shape: torch.Size, like: torch.Tensor) -> None:
+        self.logits, self._like = logits, like
+        super().__init__(batch_shape, event_shape, validate_args=False)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        return bernoulli_image(self.logits(x)).log_prob(x)
+
+    @torch.no_grad()
+    def _ancestral(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """One draw x of ``shape`` (sample dimensions first) and its pixels' probabilities."""
+        x = torch.zeros(shape, dtype=self._like.dtype, device=self._like.device)
+        probs = torch.zeros_like(x)
+        flat_x, flat_p = x.view(*shape[:-3], -1), probs.view(*shape[:-3], -1)
+        for i in range(flat_x.shape[-1]):
+            flat_p[..., i] = torch.sigmoid(self.logits(x).reshape(flat_x.shape)[..., i])
+            flat_x[..., i] = torch.bernoulli(flat_p[..., i])
+        return x, probs
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        return self._ancestral(self._extended_shape(sample_shape))[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._ancestral(self._extended_shape())[1]
 
 
 class DiscretizedImage(Distribution):

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vaelab.data import ImageDataModule
 from vaelab.lit import LitModel, check_training_data
-from vaelab.models.m1m2 import ACTIVE_SPREAD, M1M2, active_count, feature_spread
+from vaelab.models.m1m2 import ACTIVE_SPREAD, M1_SETTINGS, M1M2, active_count, feature_spread
 from vaelab.utils import (
     CONFIG_DIR,
     apply_extras,
@@ -62,8 +62,8 @@ def build(cfg: DictConfig, datamodule: ImageDataModule, **options) -> LitModel:
 
 
 def train_m1(cfg: DictConfig) -> str | None:
-    """Stage 1 of M1+M2: M1 (``model.z_dim``, ``net=``, ``likelihood=``, ``posterior=``, as
-    ``model=vae`` takes them) trained on every training image for ``model.m1_epochs`` epochs with
+    """Stage 1 of M1+M2: M1 (``model.z_dim``, ``net=``, ``likelihood=``, ``posterior=``,
+    ``model.autoregressive``, as ``model=vae`` takes them) trained on every training image for ``model.m1_epochs`` epochs with
     ``lit.optimizer`` and ``model.m1_lit`` (e.g. ``{kl_warmup_steps: 20000}``), as
     a run of its own in ``<run>/m1`` (resumed from its last checkpoint if the job restarts);
     returns that checkpoint."""
@@ -72,8 +72,8 @@ def train_m1(cfg: DictConfig) -> str | None:
     stage = cfg.copy()
     with open_dict(stage):
         stage.model = OmegaConf.create({"_target_": "vaelab.models.VAE", "_convert_": "all"})
-        for key in ("input_shape", "z_dim", "net", "likelihood", "posterior"):
-            stage.model[key] = cfg.model[key]
+        for key in M1_SETTINGS:
+            stage.model[key] = cfg.model.get(key)
         stage.lit = OmegaConf.merge({"_target_": cfg.lit._target_, "optimizer": cfg.lit.optimizer}, cfg.model.get("m1_lit") or {})
         stage.data.labeled = None
         stage.trainer.max_epochs = cfg.model.m1_epochs

@@ -24,6 +24,9 @@ from vaelab.nets import net_options
 from vaelab.posteriors import posterior_point
 from vaelab.utils.checkpoint import state_mismatch
 
+# the settings of M1, a VAE (``model=vae``'s names), that M1+M2 takes beside M2's
+M1_SETTINGS = ("input_shape", "z_dim", "net", "likelihood", "posterior", "autoregressive")
+
 # a dimension of z1 is active when its posterior mean varies over the images by more than this
 # standard deviation (the threshold of Kingma et al.'s code)
 ACTIVE_SPREAD = 0.1
@@ -46,8 +49,8 @@ def active_count(spread: torch.Tensor) -> int:
 
 
 class M1M2(LatentModel):
-    """M1 is a ``VAE`` of the images built from ``z_dim`` (z1), ``net``, ``likelihood`` and
-    ``posterior``, as ``model=vae`` takes them; ``m2`` holds M2's settings (``z_dim``, ``net``,
+    """M1 is a ``VAE`` of the images built from ``z_dim`` (z1), ``net``, ``likelihood``,
+    ``posterior`` and ``autoregressive``, as ``model=vae`` takes them; ``m2`` holds M2's settings (``z_dim``, ``net``,
     ``likelihood``, ``classifier_net``), M2 reading ``features`` dimensions of z1 (null: all; a
     run with ``model.features=null`` keeps the active ones, ``vaelab.train.prepare_m1``).
     ``m1_ckpt`` (a trained ``model=vae`` run with the same M1 settings), ``m1_epochs`` and
@@ -70,9 +73,10 @@ class M1M2(LatentModel):
         m1_ckpt: str | None = None,
         m1_epochs: int = 50,
         m1_lit: Mapping | None = None,
+        autoregressive: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        self.m1 = VAE(input_shape, z_dim, None, net, likelihood, posterior)
+        self.m1 = VAE(input_shape, z_dim, None, net, likelihood, posterior, autoregressive)
         self.m1.requires_grad_(False)
         n = z_dim if features is None else features
         if not (isinstance(n, int) and 0 < n <= z_dim):

@@ -1,21 +1,23 @@
 """Variational autoencoder (Kingma & Welling 2014), conditional on a class when ``num_classes``
 is given (the CVAE):
 
-    z ~ p(z) = N(0, I),   x ~ p(x | z [, y])              (generative model)
+    z ~ p(z) = N(0, I),   x ~ p(x | z [, y])              (generative model; with
+                     ``autoregressive``, p(x|z[,y]) = prod_i p(x_i | x_<i, z[, y]))
     q(z | x [, y]) = N(mu(x [, y]), diag sigma^2(x [, y]))  (inference network; or that Gaussian
                      pushed through a normalizing flow, ``posterior=planar|iaf``)
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from vaelab.distributions import Likelihood
+from vaelab.distributions import AutoregressiveBernoulli, Likelihood
 from vaelab.elbo import elbo_terms, log_importance_weight
 from vaelab.models.base import LatentModel, Terms
-from vaelab.nets import Decoder, Encoder
+from vaelab.nets import MADE, Decoder, Encoder, at_least_single, net_options
 from vaelab.posteriors import Posterior, posterior_point
 
 
@@ -23,7 +25,10 @@ class VAE(LatentModel):
     """``net`` and ``likelihood`` as in ``vaelab.nets.net_options`` and
     ``vaelab.distributions.Likelihood``. With ``num_classes`` every distribution takes the
     class y (one-hot, entering the networks' first dense layer) and ``sample(n, y=9)`` draws
-    nines; without, ``y`` arguments are ignored."""
+    nines; without, ``y`` arguments are ignored. ``autoregressive``: hidden layer sizes of a
+    masked network (``vaelab.nets.MADE``) that makes the Bernoulli likelihood autoregressive,
+    its logits the decoder's plus the masked network's on the pixels before each (z entering its
+    first hidden layer); None (the default) keeps the pixels independent given z."""
 
     def __init__(
         self,
@@ -33,6 +38,7 @@ class VAE(LatentModel):
         net: Mapping | None = None,
         likelihood: str | Mapping | None = None,
         posterior: str | Mapping | None = None,
+        autoregressive: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(z_dim, int) or z_dim <= 0:
@@ -44,6 +50,14 @@ class VAE(LatentModel):
         self.posterior = Posterior.from_spec(posterior, z_dim)
         self.encoder = Encoder(net, self.input_shape, self.posterior.num_params, num_classes)
         self.decoder = Decoder(net, z_dim, decoder_shape, num_classes)
+        self.made = None
+        if autoregressive is not None:
+            if not self.likelihood.binary:
+                raise ValueError(
+                    f"model.autoregressive needs binary pixels (likelihood=bernoulli), not the {self.likelihood}; "
+                    "drop model.autoregressive or choose likelihood=bernoulli."
+                )
+            self.made = MADE(math.prod(self.input_shape), list(autoregressive), z_dim, net_options(net)["activation"])
 
     def _class(self, y: int | torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
         """The class input: None for an unconditional model; else ``y``, which it needs."""
@@ -63,7 +77,14 @@ class VAE(LatentModel):
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None):
         """p(x|z[,y]); z (..., z_dim) and y (...) share their leading dimensions."""
-        return self.likelihood(self.decoder(z, self._class(y, z)))
+        out = self.decoder(z, self._class(y, z))
+        if self.made is None:
+            return self.likelihood(out)
+
+        def logits(x: torch.Tensor) -> torch.Tensor:
+            return out + at_least_single(self.made(x.flatten(-3), z)).unflatten(-1, out.shape[-3:])
+
+        return AutoregressiveBernoulli(logits, out.shape[:-3], out.shape[-3:], like=out)
 
     def bound(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Terms:
         """ELBO  L(x[,y]) = E_q(z|x[,y])[log p(x|z[,y])] - KL(q(z|x[,y]) || p(z)), one sample of z."""
