@@ -182,6 +182,7 @@ def test_evaluate_restores_the_run_and_writes_metrics_and_figures(model, figures
     metrics = report["metrics"]
     assert metrics["test/nll_iwae"] <= -metrics["test/elbo"] + 1.0  # the tighter bound, within noise
     assert report["iwae_k"] == 20 and "Bernoulli" in report["likelihood"]
+    assert ("autoregressive over the pixels (masked hidden layers [32])" in report["likelihood"]) == ("experiment=vae_mnist_ar" in model)
     assert {path.stem for path in (tmp_path / "eval" / "figures").glob("*.png")} == figures
     if "model=ssvae" in model:
         assert 0 <= metrics["test/acc"] <= 1 and 0 <= metrics["test/sample_acc"] <= 1

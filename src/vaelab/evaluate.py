@@ -132,7 +132,7 @@ def write_report(cfg: DictConfig, model, metrics: dict[str, float], report: dict
     result = {
         "checkpoint": str(Path(cfg.ckpt_path).resolve()),
         "model": model_name(model),
-        "likelihood": repr(model.likelihood),
+        "likelihood": model.likelihood_description,
         "data": cfg.data._target_.rsplit(".", 1)[-1],
         "test_inputs": f"binarized once with seed data.split_seed={cfg.data.split_seed}" if binarized else "8-bit pixels",
         "iwae_k": cfg.eval.iwae_k,

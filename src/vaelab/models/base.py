@@ -78,6 +78,11 @@ class LatentModel(nn.Module, ABC):
     @abstractmethod
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor: ...
 
+    @property
+    def likelihood_description(self) -> str:
+        """p(x|.) in words, for reports."""
+        return repr(self.likelihood)
+
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no classifier q(y|x).")
 

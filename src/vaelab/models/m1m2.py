@@ -97,6 +97,10 @@ class M1M2(LatentModel):
         self.rows_per_sample = num_classes
         self.m1_ckpt, self.m1_epochs, self.m1_lit = m1_ckpt, m1_epochs, dict(m1_lit or {})
 
+    @property
+    def likelihood_description(self) -> str:
+        return self.m1.likelihood_description
+
     # -- M1 -------------------------------------------------------------------------------
     def load_m1(self, path: str | Path) -> None:
         """M1's weights from the checkpoint of a ``model=vae`` run with this model's M1 settings."""

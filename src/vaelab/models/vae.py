@@ -59,6 +59,12 @@ class VAE(LatentModel):
                 )
             self.made = MADE(math.prod(self.input_shape), list(autoregressive), z_dim, net_options(net)["activation"])
 
+    @property
+    def likelihood_description(self) -> str:
+        if self.made is None:
+            return repr(self.likelihood)
+        return f"{self.likelihood}, autoregressive over the pixels (masked hidden layers {[layer.out_features for layer in self.made.layers]})"
+
     def _class(self, y: int | torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
         """The class input: None for an unconditional model; else ``y``, which it needs."""
         if self.num_classes is None:
