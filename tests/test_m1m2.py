@@ -153,6 +153,7 @@ def test_stage_one_trains_m1_with_its_own_lit_settings(quick_overrides, monkeypa
     both = hydra.utils.instantiate(cfg.model)
     assert not state_mismatch(module.model.state_dict(), both.m1.state_dict())
     assert both.m1.made.layers[0].out_features == 16
+    assert both.likelihood_description.endswith("autoregressive over the pixels (masked hidden layers [16])")
 
 
 @pytest.mark.slow

@@ -86,11 +86,12 @@ def normal_values(loc: torch.Tensor, log_scale: torch.Tensor) -> Independent:
 
 
 class AutoregressiveBernoulli(Distribution):
-    """p(x|z) = prod_i Bernoulli(x_i; sigmoid(l_i)), l_i = ``logits(x)``_i a function of z and
-    of the pixels before i in raster order only (an autoregressive decoder, as in DARN, Gregor et
-    al. 2014, and MADE, Germain et al. 2015): a normalised probability of the binary image with
-    pixels that depend on each other given z. ``logits`` maps images (..., C, H, W) broadcasting
-    against ``batch_shape`` to logits (*batch_shape, C, H, W). One event over (C, H, W).
+    """p(x|z) = prod_i Bernoulli(x_i; sigmoid(l_i)), l_i = ``base``_i + ``previous(x)``_i: logits
+    of z, (*batch_shape, C, H, W), plus logits of the pixels before i in raster order only (an
+    autoregressive decoder, as in DARN, Gregor et al. 2014, and MADE, Germain et al. 2015): a
+    normalised probability of the binary image with pixels that depend on each other given z.
+    ``previous`` maps images (..., C, H, W) broadcasting against the batch shape to logits
+    that broadcast against ``base``. One event over (C, H, W).
 
     ``log_prob`` costs one pass of the network; ``sample`` and ``mean`` draw pixel by pixel,
     one pass per pixel. The mean has no closed form: ``mean`` returns the probabilities
@@ -98,9 +99,13 @@ class AutoregressiveBernoulli(Distribution):
 
     support = constraints.independent(constraints.boolean, 3)
 
-    def __init__(self, logits: Callable[[torch.Tensor], torch.Tensor], batch_shape: torch.Size, event_shape: torch.Size, like: torch.Tensor) -> None:
-        self.logits, self._like = logits, like
-        super().__init__(batch_shape, event_shape, validate_args=False)
+    def __init__(self, base: torch.Tensor, previous: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.base, self.previous = base, previous
+        super().__init__(base.shape[:-3], base.shape[-3:], validate_args=False)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """l(x), every pixel's logit given the pixels before it in ``x``."""
+        return self.base + self.previous(x)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         return bernoulli_image(self.logits(x)).log_prob(x)
@@ -108,7 +113,7 @@ class AutoregressiveBernoulli(Distribution):
     @torch.no_grad()
     def _ancestral(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         """One draw x of ``shape`` (sample dimensions first) and its pixels' probabilities."""
-        x = torch.zeros(shape, dtype=self._like.dtype, device=self._like.device)
+        x = self.base.new_zeros(shape)
         probs = torch.zeros_like(x)
         flat_x, flat_p = x.view(*shape[:-3], -1), probs.view(*shape[:-3], -1)
         for i in range(flat_x.shape[-1]):

@@ -86,11 +86,7 @@ class VAE(LatentModel):
         out = self.decoder(z, self._class(y, z))
         if self.made is None:
             return self.likelihood(out)
-
-        def logits(x: torch.Tensor) -> torch.Tensor:
-            return out + at_least_single(self.made(x.flatten(-3), z)).unflatten(-1, out.shape[-3:])
-
-        return AutoregressiveBernoulli(logits, out.shape[:-3], out.shape[-3:], like=out)
+        return AutoregressiveBernoulli(out, lambda x: at_least_single(self.made(x.flatten(-3), z)).unflatten(-1, out.shape[-3:]))
 
     def bound(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Terms:
         """ELBO  L(x[,y]) = E_q(z|x[,y])[log p(x|z[,y])] - KL(q(z|x[,y]) || p(z)), one sample of z."""
