@@ -22,6 +22,7 @@ from omegaconf import OmegaConf, open_dict
 import vaelab.utils  # noqa: F401  (registers the resolvers of saved run configs)
 from vaelab.data.split import balanced_split
 from vaelab.models.m1m2 import ACTIVE_SPREAD, M1_SETTINGS, active_count, posterior_means
+from vaelab.utils.checkpoints import load_part
 
 
 def features(model, datamodule, images: torch.Tensor) -> torch.Tensor:
@@ -74,8 +75,7 @@ def main() -> None:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     settings = {key: model_cfg.get(key) for key in M1_SETTINGS}
     model = hydra.utils.instantiate({"_target_": "vaelab.models.VAE", "_convert_": "all", **settings})
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    model.load_state_dict({key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")})
+    load_part(args.checkpoint, model, "model.", "checkpoint")
     model.eval()
 
     report = {"checkpoint": str(args.checkpoint), "active_dimensions": None, "nearest_neighbour_test_accuracy": {}, "supervised_test_accuracy": {}}

@@ -4,7 +4,7 @@ chose it), the accuracy on the run's own unlabeled images, seconds per epoch, an
 accuracy, entropy and information of q(y|x) against steps and minutes (PNG and CSV).
 
     python benchmarks/m2_mnist.py --labeled 100 --max-minutes 60 --split-seed 0 [hydra overrides ...]
-    python benchmarks/m2_mnist.py --labeled 100 --max-minutes 60 lit.unlabeled_weight=0   # labels alone
+    python benchmarks/m2_mnist.py --labeled 100 --max-minutes 60 objective.unlabeled_weight=0   # labels alone
     python benchmarks/m2_mnist.py --model m1m2 --labeled 100 --max-minutes 60 model.features=20
     python benchmarks/m2_mnist.py --model sdgm --labeled 100 --max-minutes 60
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from vaelab.utils import checkpoints
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the source checkout
 
 # experiment -> (what is compared, the published figure, its source)
@@ -98,7 +100,7 @@ def main() -> None:
                     f"hydra.run.dir={run_dir}/evaluation", *args.overrides, *args.eval]
         eval_seconds = run(evaluate)
         report = json.loads((PROJECT_ROOT / run_dir / "evaluation" / "metrics.json").read_text())
-        epochs = torch.load(PROJECT_ROOT / run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] + 1  # epochs begun
+        epochs = checkpoints.read(PROJECT_ROOT / run_dir / "checkpoints" / "last.ckpt")["epoch"] + 1  # epochs begun
         compared, published, source = ROWS[row]
         lines.append(
             f"| `{row}` | {compared} | {our_figure(row, report['metrics'])} | {published if published is not None else '-'} "

@@ -1,7 +1,7 @@
 """Training throughput of each model under Lightning versus a plain PyTorch loop.
 
 Both train the same model (built from the same Hydra config) on the same MNIST batches in one
-process with the same loss (``model.objective``), alternating rounds so machine noise hits both
+process with the same loss (``LitModel.loss``, the objective's), alternating rounds so machine noise hits both
 alike. The first ``--warmup`` steps of every run are not timed. Lightning runs as
 ``python train.py`` does (CSV logging, rich progress bar) minus validation and checkpoints, and
 also bare (no logger, no progress bar). M2 (ssvae), ADGM and SDGM train with 100 labels. Prints JSON: images/s
@@ -94,7 +94,7 @@ def plain_seconds(overrides: list[str], warmup: int, steps: int) -> float:
                 start = time.perf_counter()
             if isinstance(batch, tuple) and isinstance(batch[0], dict):  # CombinedLoader: (batch, index, loader)
                 batch = batch[0]
-            loss, _ = model.objective(datamodule.preprocess_batch(batch, train=True))
+            loss, _ = model.loss(datamodule.preprocess_batch(batch, train=True))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -8,12 +8,13 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from vaelab.elbo import iwae_bound
-from vaelab.lit import check_training_data
 from vaelab.models import ADGM, SDGM
 from vaelab.models.adgm import MIN_LOG_VAR, gaussian
+from vaelab.objectives import ELBO, DataFacts, SemiSupervised
 from vaelab.train import train
 from conftest import compose_config, run_script
 
@@ -168,8 +169,27 @@ def test_settings_are_checked():
         tiny(SDGM, posterior={"type": "planar", "length": 2})
     with pytest.raises(ValueError, match="DReG estimator is not defined"):
         tiny(ADGM).log_weights(images(), None, 2, dreg=True)
-    with pytest.raises(ValueError, match="model=sdgm learns from a few labels .* set data.labeled=N"):
-        check_training_data(tiny(SDGM), None)
+    with pytest.raises(ValueError, match="SDGM learns from a few labels .* set data.labeled=N"):
+        SemiSupervised().check(tiny(SDGM), DataFacts())
+    with pytest.raises(ValueError, match="objective=elbo trains models without a classifier; ADGM learns from a few labels"):
+        ELBO().check(tiny(ADGM), DataFacts(labeled=100, train_size=1000))
+    objective = SemiSupervised()
+    objective.check(tiny(ADGM), DataFacts(labeled=100, train_size=1000))
+    assert objective.alpha == pytest.approx(1.0)  # the paper's 0.1 * N / N_lab
+
+
+def test_every_class_at_enumerates_the_classes_at_each_draw_of_a():
+    """q(z|a,x,y) for all K classes at S draws of a: batch shape (K, S, B), row k with y = k,
+    each the q(z|a,x,y) of the class given alone."""
+    model, x = tiny(ADGM), images()
+    a = model.posterior_a(x).rsample((2,))
+    qz, classes = model.every_class_at(x, a)
+    assert qz.batch_shape == classes.shape == (4, 2, 5)
+    for k in range(4):
+        assert (classes[k] == k).all()
+        one = gaussian(model.qz(x, torch.full((2, 5), k), more=(a,)))
+        torch.testing.assert_close(qz.mean[k], one.mean)
+        torch.testing.assert_close(qz.variance[k], one.variance)
 
 
 @pytest.mark.parametrize("name", ["adgm", "sdgm"])
@@ -194,5 +214,11 @@ def test_the_command_trains_and_evaluates(name, quick_overrides, tmp_path):
     )  # the model is named: train() ran without Hydra, so the run has no .hydra/config.yaml to restore
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert report["metrics"]["test/nll_iwae"] > 0 and 0 <= report["metrics"]["test/acc"] <= 1
-    assert {"reconstructions", "classes", "analogies"} <= {p.stem for p in (tmp_path / "eval" / "figures").glob("*.png")}
+    metrics, confusion = report["metrics"], torch.tensor(report["confusion_matrix"])
+    assert report["model"] == name.upper() and metrics["test/nll_iwae"] > 0
+    # the accuracy is the confusion matrix's diagonal share, over the one test batch of 200
+    assert confusion.shape == (10, 10) and confusion.sum() == 200
+    assert metrics["test/acc"] == pytest.approx(float(confusion.trace() / 200))
+    figures = tmp_path / "eval" / "figures"
+    assert Image.open(figures / "classes.png").size == (8 * 30 + 2, 10 * 30 + 2)  # a row per class, 8 styles
+    assert Image.open(figures / "analogies.png").size == (11 * 30 + 2, 8 * 30 + 2)  # an image, then every class

@@ -29,7 +29,7 @@ def test_groups_have_the_documented_options():
 @pytest.mark.parametrize("data", options("data"))
 @pytest.mark.parametrize("model", options("model"))
 def test_model_and_data_instantiate(model, data, quick_overrides):
-    cfg = compose_config("train", [*quick_overrides, f"model={model}", f"data={data}"])
+    cfg = compose_config("train", [*quick_overrides, f"model={model}", f"data={data}", "train=false"])
     datamodule = hydra.utils.instantiate(cfg.data)
     module = build(cfg, datamodule)
     assert tuple(module.model.input_shape) == datamodule.input_shape
@@ -117,9 +117,9 @@ def test_nonpositive_latent_size_is_rejected(model, quick_overrides):
 def test_m2_trains_in_bf16_only_where_the_cpu_has_it(flags, precision, quick_overrides, monkeypatch):
     """model=ssvae picks bf16 mixed precision on a CPU that computes bfloat16 natively and float32
     on one that would emulate it; a command-line precision wins, other models and evaluation keep float32."""
-    import vaelab.utils.config
+    import vaelab.utils.resolvers
 
-    monkeypatch.setattr(vaelab.utils.config, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(vaelab.utils.resolvers, "cpu_flags", lambda: flags)
     m2 = [*quick_overrides, "model=ssvae", "data.labeled=100"]
     assert compose_config("train", m2).trainer.precision == precision
     assert compose_config("train", [*m2, "trainer.precision=32-true"]).trainer.precision == "32-true"
@@ -128,7 +128,7 @@ def test_m2_trains_in_bf16_only_where_the_cpu_has_it(flags, precision, quick_ove
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
-    from vaelab.utils.config import cpu_flags
+    from vaelab.utils.resolvers import cpu_flags
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\n")

@@ -56,6 +56,19 @@ def test_binarization_is_dynamic_for_training_and_fixed_for_evaluation(mnist):
     assert torch.equal(val_a, val_b)
 
 
+def test_train_inputs_are_every_training_image_binarized_once(mnist_dir):
+    """What M1+M2's stage measures z1's spread on: the labeled and the unlabeled training images,
+    as evaluation inputs (one fixed binarization, following the grey levels)."""
+    dm = MNISTDataModule(str(mnist_dir), download=False, labeled=100)
+    x = dm.train_inputs()
+    assert x.shape == (50_000, 1, 28, 28) and x.dtype == torch.float32
+    assert set(x.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(dm.train_inputs(), x)  # the same draws every time
+    grey = dm.train_set.images.float() / 255
+    assert abs(x.mean() - grey.mean()) < 0.002
+    assert ((x == 1) <= (grey > 0)).all()  # a black pixel is never drawn white
+
+
 def test_loader_yields_whole_batches_from_memory(mnist):
     x, y = next(iter(mnist.train_dataloader()))
     assert x.shape == (64, 1, 28, 28) and x.dtype == torch.uint8

@@ -18,11 +18,13 @@ import vaelab.evaluate as evaluate_module
 from vaelab.classifier import ImageClassifier, build_classifier, load_classifier, real_image_data, sample_accuracy
 from vaelab.data import MNISTDataModule
 from vaelab.evaluate import classifier_path
+from vaelab.iwae import Interrupted, importance_weighted, passes
 from vaelab.lit import LitModel
 from vaelab.models import M2, VAE
+from vaelab.objectives import ELBO
 from vaelab.report import model_figures
 from vaelab.train import train
-from vaelab.utils import restore_run_config
+from vaelab.utils.checkpoints import restore_run_config
 from vaelab.viz import analogy_grid, confusion_plot, latent_scatter, normal_quantile_grid, project_2d
 from conftest import compose_config, run_script
 
@@ -38,10 +40,10 @@ def mnist(mnist_dir) -> MNISTDataModule:
 def trained_vae(mnist) -> LitModel:
     """A small VAE after 300 steps on binarized MNIST."""
     torch.manual_seed(0)
-    model = LitModel(VAE(input_shape=(1, 28, 28), z_dim=8, net={"type": "mlp", "hidden": [128]}))
+    model = LitModel(VAE(input_shape=(1, 28, 28), z_dim=8, net={"type": "mlp", "hidden": [128]}), objective=ELBO())
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     for step, batch in zip(range(300), mnist.train_dataloader()):
-        loss, _ = model.objective(mnist.preprocess(batch, train=True))
+        loss, _ = model.loss(mnist.preprocess(batch, train=True))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -59,7 +61,7 @@ def test_iwae_exceeds_elbo_and_grows_with_k_on_a_trained_model(trained_vae, mnis
     x, y = mnist.example_batch(500)
     with torch.no_grad():
         elbo = torch.stack([trained_vae.model.bound(x).elbo for _ in range(20)]).mean(0)
-    bounds = {k: trained_vae.iwae(x, y, k) for k in (1, 10, 100)}
+    bounds = {k: importance_weighted(trained_vae.model, x, y, k) for k in (1, 10, 100)}
     # L_1 is an unbiased estimate of the ELBO; L_10 and L_100 lie above it, in that order
     assert abs(paired_t(bounds[1], elbo)) < 4
     assert paired_t(bounds[10], elbo) > 5 and paired_t(bounds[100], bounds[10]) > 5
@@ -69,38 +71,44 @@ def test_iwae_exceeds_elbo_and_grows_with_k_on_a_trained_model(trained_vae, mnis
 def test_iwae_in_passes_equals_one_pass(trained_vae, mnist):
     x, y = mnist.example_batch(20)
     torch.manual_seed(3)
-    whole = trained_vae.iwae(x, y, 50)
-    trained_vae.iwae_rows = 20 * 7  # passes of 7 samples: 7 + 7 + ... + 1
-    try:
-        torch.manual_seed(3)
-        torch.testing.assert_close(trained_vae.iwae(x, y, 50), whole)
-    finally:
-        trained_vae.iwae_rows = 20_000
+    whole = importance_weighted(trained_vae.model, x, y, 50)
+    torch.manual_seed(3)  # passes of 7 samples: 7 + 7 + ... + 1
+    torch.testing.assert_close(importance_weighted(trained_vae.model, x, y, 50, rows=20 * 7), whole)
+
+
+def test_passes_bound_the_decoder_rows_of_each():
+    assert passes(20, 50, 1, 20 * 7) == [7] * 7 + [1]
+    assert passes(20, 50, 10, 20 * 7 * 10) == [7] * 7 + [1]  # a model that decodes every class: ten rows a sample
+    assert passes(500, 3, 10, 100) == [1, 1, 1]  # at least one sample a pass, however large the batch
+    assert sum(passes(37, 1000, 4, 5000)) == 1000
 
 
 def test_a_sigterm_stops_the_importance_weighted_bound_between_passes():
     class Stopping:  # what the trainer reports once SIGTERM arrived
         received_sigterm = True
 
-    module = LitModel(VAE((1, 6, 6), z_dim=2, net={"type": "mlp", "hidden": [8]}), iwae_rows=4)
-    passes = []
+    module = LitModel(VAE((1, 6, 6), z_dim=2, net={"type": "mlp", "hidden": [8]}), iwae_k=10, iwae_rows=4)
+    drawn = []
     log_weights = module.model.log_weights
-    module.model.log_weights = lambda x, y, k: passes.append(k) or log_weights(x, y, k)
-    module.iwae(torch.zeros(2, 1, 6, 6), None, 10)
-    assert passes == [2] * 5
+    module.model.log_weights = lambda x, y, k: drawn.append(k) or log_weights(x, y, k)
+    assert module.test_iwae(torch.zeros(2, 1, 6, 6), None).shape == (2,)
+    assert drawn == [2] * 5
     module.trainer = Stopping()
     with pytest.raises(SIGTERMException):
-        module.iwae(torch.zeros(2, 1, 6, 6), None, 10)
-    assert len(passes) == 5  # not one more pass
+        module.test_iwae(torch.zeros(2, 1, 6, 6), None)
+    assert len(drawn) == 5  # not one more pass
+    with pytest.raises(Interrupted):
+        importance_weighted(module.model, torch.zeros(2, 1, 6, 6), None, 10, rows=4, should_stop=lambda: len(drawn) >= 7)
+    assert len(drawn) == 7
 
 
 def test_m2_importance_weights_sum_out_the_class():
     torch.manual_seed(0)
-    model = LitModel(M2(input_shape=(1, 6, 6), num_classes=4, z_dim=3, net={"type": "mlp", "hidden": [16]}))
+    model = M2(input_shape=(1, 6, 6), num_classes=4, z_dim=3, net={"type": "mlp", "hidden": [16]})
     x = torch.bernoulli(torch.full((300, 1, 6, 6), 0.4))
     with torch.no_grad():
-        u = torch.stack([model.model.bound(x).elbo for _ in range(10)]).mean(0)
-        bound = model.iwae(x, None, 1)
+        u = torch.stack([model.bound(x).elbo for _ in range(10)]).mean(0)
+        bound = importance_weighted(model, x, None, 1)
     assert bound.shape == (300,)
     # log sum_y p(y) w_y >= sum_y q(y|x) log(p(y) w_y / q(y|x)) = U(x): above U on average
     assert paired_t(bound, u) > 3
@@ -185,9 +193,13 @@ def test_evaluate_restores_the_run_and_writes_metrics_and_figures(model, figures
     assert ("autoregressive over the pixels (masked hidden layers [32])" in report["likelihood"]) == ("experiment=vae_mnist_ar" in model)
     assert {path.stem for path in (tmp_path / "eval" / "figures").glob("*.png")} == figures
     if "model=ssvae" in model:
-        assert 0 <= metrics["test/acc"] <= 1 and 0 <= metrics["test/sample_acc"] <= 1
-        assert sum(map(sum, report["confusion_matrix"])) == 2 * 500  # 2 test batches of 500
-        assert len(report["sample_acc_per_class"]) == 10
+        confusion = torch.tensor(report["confusion_matrix"])
+        assert confusion.sum() == 2 * 500  # 2 test batches of 500
+        assert (confusion.sum(1) > 0).all()  # every class among the test images
+        assert metrics["test/acc"] == pytest.approx(float(confusion.trace()) / 1000)  # its diagonal share
+        shares = report["sample_acc_per_class"]
+        assert len(shares) == 10 and metrics["test/sample_acc"] == pytest.approx(sum(shares) / 10)
+        assert all(share * 50 == pytest.approx(round(share * 50)) for share in shares)  # of 50 samples a class
     elif "model.z_dim=2" in model:
         assert Image.open(tmp_path / "eval" / "figures" / "manifold.png").size == (20 * 30 + 2, 20 * 30 + 2)
 

@@ -25,8 +25,8 @@ from conftest import REPO_ROOT, compose_config, run_script
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(quick_overrides, tmp_path, monkeypatch):
     bound, calls = VAE.bound, {"n": 0}
 
-    def failing_bound(self, x, y=None):
-        terms = bound(self, x, y)
+    def failing_bound(self, x, y=None, qy_logits=None):
+        terms = bound(self, x, y, qy_logits)
         if self.training:
             calls["n"] += 1
             if calls["n"] == 8:  # the 3rd step of the 2nd epoch
@@ -81,10 +81,10 @@ def vae_checkpoint(tmp_path) -> Path:
 
 def test_checkpoint_of_another_model_is_rejected(quick_overrides, vae_checkpoint):
     cfg = compose_config("evaluate", [*quick_overrides, "model=cvae", f"ckpt_path={vae_checkpoint}"])
-    with pytest.raises(ValueError, match="does not fit model=cvae .*missing: .*Use the model and sizes it was trained with"):
+    with pytest.raises(ValueError, match=r"does not fit the configured VAE \(conditional\) \(.*missing: .*Use the model and sizes it was trained with"):
         evaluate(cfg)
     cfg = compose_config("train", [*quick_overrides, "model.z_dim=20", f"ckpt_path={vae_checkpoint}"])
-    with pytest.raises(ValueError, match="does not fit model=vae .*other shape: model.decoder.head.0.weight"):
+    with pytest.raises(ValueError, match=r"does not fit the configured VAE \(other shape: model.decoder.head.0.weight"):
         train(cfg)
 
 
@@ -95,6 +95,9 @@ def test_a_file_that_is_no_checkpoint_is_rejected(quick_overrides, tmp_path):
         evaluate(compose_config("evaluate", [*quick_overrides, f"ckpt_path={path}"]))
     with pytest.raises(FileNotFoundError, match="ckpt_path=.*missing.ckpt does not exist"):
         train(compose_config("train", [*quick_overrides, f"ckpt_path={tmp_path}/missing.ckpt"]))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError, match=f"ckpt_path={tmp_path}/run is a directory; give a checkpoint file in it, e.g. .*/checkpoints/last.ckpt"):
+        evaluate(compose_config("evaluate", [*quick_overrides, f"ckpt_path={tmp_path}/run"]))
 
 
 @pytest.mark.parametrize("choice, options", [("model=vea", ["vae", "cvae", "ssvae"]), ("data=mnsit", ["mnist", "svhn"])])
@@ -185,6 +188,9 @@ def test_training_writes_checkpoints_atomically(quick_overrides, monkeypatch):
     (["data.val_size=0"], "data.val_size=0 leaves no validation set, but optimized_metric=val/elbo"),
     (["lit.optimizer.lr=-1"], "lit.optimizer: Invalid learning rate: -1"),
     (["data.labeled=100"], "VAE trains on plain batches, but data.labeled=100"),
+    (["model=ssvae"], "M2 learns from a few labels and many unlabeled examples: set data.labeled=N"),
+    (["model=ssvae", "data.labeled=100", "objective=elbo"], "objective=elbo trains models without a classifier; M2 learns"),
+    (["objective=iwae", "objective.estimator=dreg", "posterior=planar"], "objective.estimator=dreg needs the Gaussian posterior"),
 ])
 def test_settings_that_cannot_work_fail_before_anything_runs(overrides, error, quick_overrides, tmp_path):
     with pytest.raises(ValueError, match=error):

@@ -1,32 +1,35 @@
 """The one LightningModule: manual stepping with clipping and accumulation, the finiteness guard
-without a per-step read on accelerators, the model interface's boundaries, old checkpoints."""
+without a per-step read on accelerators, the model interface's boundaries, and training by any
+objective (a new one needs no change to LitModel)."""
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from omegaconf import OmegaConf
+from torch.distributions import Independent, Normal, kl_divergence
 from torch.utils.data import DataLoader, TensorDataset
 
 from vaelab.lit import LitModel
 from vaelab.models import M2, VAE
+from vaelab.objectives import ELBO, DataFacts, Objective
 from vaelab.train import train
-from vaelab.utils import restore_run_config
-from vaelab.utils.checkpoint import upgrade_state_dict
+from vaelab.training import FinitenessGuard, budget_spent
 from conftest import compose_config
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "src" / "vaelab" / "models"
 NET = {"type": "mlp", "hidden": [16]}
 
 
-def test_models_know_nothing_of_lightning_or_data_modules():
+def test_models_know_nothing_of_lightning_data_modules_or_objectives():
     for path in MODELS_DIR.glob("*.py"):
         imports = [line for line in path.read_text().splitlines() if line.startswith(("import ", "from "))]
-        assert not [line for line in imports if "lightning" in line or "vaelab.data" in line or "vaelab.lit" in line], path.name
+        forbidden = ("lightning", "vaelab.data", "vaelab.lit", "vaelab.objectives", "vaelab.training")
+        assert not [line for line in imports if any(name in line for name in forbidden)], path.name
         assert "datamodule" not in path.read_text(), path.name
 
 
@@ -34,6 +37,11 @@ def batches(n: int, size: int = 8) -> DataLoader:
     torch.manual_seed(0)
     x = torch.bernoulli(torch.full((n * size, 1, 6, 6), 0.3))
     return DataLoader(TensorDataset(x, torch.zeros(n * size, dtype=torch.long)), batch_size=size)
+
+
+def vae_module(**options) -> LitModel:
+    """A tiny VAE trained by the ELBO."""
+    return LitModel(VAE((1, 6, 6), z_dim=2, net=NET), objective=ELBO(), **options)
 
 
 def fit(module: LitModel, n_batches: int, **trainer_options) -> pl.Trainer:
@@ -48,7 +56,7 @@ def fit(module: LitModel, n_batches: int, **trainer_options) -> pl.Trainer:
 def test_gradients_are_clipped_to_the_configured_total_norm():
     torch.manual_seed(0)
     sgd = lambda params: torch.optim.SGD(params, lr=1.0)  # noqa: E731  (the update is the clipped gradient)
-    module = LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=sgd, gradient_clip_val=1e-3)
+    module = vae_module(optimizer=sgd, gradient_clip_val=1e-3)
     before = torch.cat([p.detach().flatten().clone() for p in module.parameters()])
     fit(module, 1)
     after = torch.cat([p.detach().flatten() for p in module.parameters()])
@@ -56,9 +64,9 @@ def test_gradients_are_clipped_to_the_configured_total_norm():
 
 
 def test_gradients_accumulate_over_the_configured_number_of_batches():
-    module = LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=lambda p: torch.optim.Adam(p), accumulate_grad_batches=2)
+    module = vae_module(optimizer=lambda p: torch.optim.Adam(p), accumulate_grad_batches=2)
     assert fit(module, 6).global_step == 3
-    module = LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=lambda p: torch.optim.Adam(p), accumulate_grad_batches=4)
+    module = vae_module(optimizer=lambda p: torch.optim.Adam(p), accumulate_grad_batches=4)
     assert fit(module, 6).global_step == 2  # the last, partial group steps too
 
 
@@ -70,17 +78,17 @@ class LearningRates(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.lrs.append(optimizer.param_groups[0]["lr"])
-        self.spent.append(pl_module.budget_spent())
+        self.spent.append(budget_spent(trainer, pl_module.global_step))
 
 
 def test_the_cosine_schedule_starts_at_the_configured_lr_and_anneals_to_zero_over_the_steps():
     sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
     seen = LearningRates()
-    fit(LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=sgd, lr_schedule="cosine"), 8, callbacks=[seen])
+    fit(vae_module(optimizer=sgd, lr_schedule="cosine"), 8, callbacks=[seen])
     assert seen.lrs == pytest.approx([0.1 * 0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)])
     assert seen.lrs[0] == 0.1 and seen.lrs[4] == pytest.approx(0.05)
     seen = LearningRates()
-    fit(LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=sgd), 8, callbacks=[seen])
+    fit(vae_module(optimizer=sgd), 8, callbacks=[seen])
     assert seen.lrs == [0.1] * 8
 
 
@@ -88,7 +96,7 @@ def test_the_step_schedule_decays_every_few_epochs_down_to_its_floor():
     """lit.lr_schedule=step: lr x factor every ``epochs`` epochs, never below ``lowest`` x lr."""
     sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
     seen = LearningRates()
-    module = LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=sgd, lr_schedule="step", lr_step={"epochs": 2, "factor": 0.5, "lowest": 0.3})
+    module = vae_module(optimizer=sgd, lr_schedule="step", lr_step={"epochs": 2, "factor": 0.5, "lowest": 0.3})
     trainer = pl.Trainer(max_epochs=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu", callbacks=[seen])
     trainer.fit(module, train_dataloaders=batches(1))
@@ -102,22 +110,21 @@ def test_with_a_time_limit_the_schedule_follows_whichever_budget_is_further_spen
     monkeypatch.setattr(Timer, "time_remaining", lambda self, stage="train": 90.0)
     sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
     seen = LearningRates()
-    fit(LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=sgd, lr_schedule="cosine"), 8,
-        max_time={"hours": 1}, callbacks=[seen])
+    fit(vae_module(optimizer=sgd, lr_schedule="cosine"), 8, max_time={"hours": 1}, callbacks=[seen])
     # 30 of 120 s spent (the timer) is further than k of 8 steps until step 2, then the steps lead
     assert seen.spent == pytest.approx([0.25, 0.25, 0.25, 3 / 8, 4 / 8, 5 / 8, 6 / 8, 7 / 8])
     assert seen.lrs[0] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 4)))
 
 
 def test_a_non_finite_gradient_of_a_finite_loss_stops_training_before_its_update(monkeypatch):
-    module = LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
-    original = module.objective
+    module = vae_module(optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    original = module.loss
 
-    def objective(batch):  # sqrt(|0 w|) is 0, its gradient is not finite
-        loss, metrics = original(batch)
-        return loss + (module.model.encoder.head[0].weight[0, 0] * 0).abs().sqrt(), metrics
+    def loss(batch):  # sqrt(|0 w|) is 0, its gradient is not finite
+        value, metrics = original(batch)
+        return value + (module.model.encoder.head[0].weight[0, 0] * 0).abs().sqrt(), metrics
 
-    monkeypatch.setattr(module, "objective", objective)
+    monkeypatch.setattr(module, "loss", loss)
     before = [p.detach().clone() for p in module.parameters()]
     with pytest.raises(FloatingPointError, match=r"Non-finite gradient at step 0 \(epoch 0\) of a finite loss, in encoder.head.0.weight"):
         fit(module, 2)
@@ -125,9 +132,11 @@ def test_a_non_finite_gradient_of_a_finite_loss_stops_training_before_its_update
 
 
 def test_the_progress_bar_shows_the_training_bound():
-    module = LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=lambda p: torch.optim.Adam(p))
+    module = vae_module(optimizer=lambda p: torch.optim.Adam(p))
     trainer = fit(module, 2, log_every_n_steps=1)
     assert set(trainer.progress_bar_metrics) == {"train/elbo"}
+    cvae = LitModel(VAE((1, 6, 6), z_dim=2, num_classes=3, net=NET), objective=ELBO(), optimizer=lambda p: torch.optim.Adam(p))
+    assert set(fit(cvae, 2, log_every_n_steps=1).progress_bar_metrics) == {"train/elbo_given_y"}
 
 
 def test_trainer_level_clipping_is_refused_with_the_option_to_use(quick_overrides):
@@ -139,23 +148,34 @@ def test_trainer_level_clipping_is_refused_with_the_option_to_use(quick_override
     ({"iwae_k": -1}, "eval.iwae_k must be a non-negative integer, got -1"),
     ({"gradient_clip_val": 0}, "lit.gradient_clip_val must be positive or null"),
     ({"accumulate_grad_batches": 0}, "lit.accumulate_grad_batches must be a positive integer"),
-    ({"alpha": -1.0}, "lit.alpha must be >= 0"),
-    ({"class_balance": -1.0}, "lit.class_balance must be >= 0"),
     ({"lr_schedule": "linear"}, "lit.lr_schedule='linear' must be one of constant, cosine, step"),
     ({"lr_step": {"epochs": 0, "factor": 0.5, "lowest": 0.1}}, r"lit.lr_step must be \{epochs: a positive integer"),
+    ({"optimizer": lambda p: torch.optim.Adam(p, lr=-1.0)}, "lit.optimizer: Invalid learning rate"),
 ])
 def test_impossible_settings_fail_clearly(options, message):
     with pytest.raises(ValueError, match=message):
-        LitModel(VAE((1, 6, 6), z_dim=2, net=NET), **options)
+        vae_module(**options)
+
+
+def test_a_module_without_an_objective_evaluates_but_refuses_to_train():
+    module = LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=lambda p: torch.optim.Adam(p))
+    assert module.trained_bound == "elbo"  # the model's own bound: what evaluation logs
+    with pytest.raises(RuntimeError, match="LitModel was built without an objective"):
+        fit(module, 1)
+
+
+def on_an_accelerator(monkeypatch) -> None:
+    """Make the guard behave as where reading the loss would wait for the device."""
+    monkeypatch.setattr(FinitenessGuard, "reads_every_step", staticmethod(lambda tensor: False))
 
 
 def test_on_an_accelerator_a_bad_step_is_skipped_and_the_run_stops_when_it_next_logs(monkeypatch):
     """Where reading the loss would wait for the device, the guard records the first bad step on
     the device, skips that step's update and stops at the next step that logs."""
-    monkeypatch.setattr(LitModel, "reads_loss_every_step", lambda self, loss: False)
+    on_an_accelerator(monkeypatch)
     bound, calls = VAE.bound, {"n": 0}
 
-    def failing_bound(self, x, y=None):
+    def failing_bound(self, x, y=None, qy_logits=None):
         terms = bound(self, x, y)
         calls["n"] += 1
         if calls["n"] == 3:  # step 2
@@ -163,7 +183,7 @@ def test_on_an_accelerator_a_bad_step_is_skipped_and_the_run_stops_when_it_next_
         return terms
 
     monkeypatch.setattr(VAE, "bound", failing_bound)
-    module = LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    module = vae_module(optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
     with pytest.raises(FloatingPointError, match=r"Non-finite loss at step 2 \(epoch 0\)"):
         fit(module, 10, log_every_n_steps=5)
     assert calls["n"] == 5  # it stopped at step 4, the first that logs
@@ -171,50 +191,83 @@ def test_on_an_accelerator_a_bad_step_is_skipped_and_the_run_stops_when_it_next_
 
 
 def test_on_an_accelerator_a_non_finite_gradient_of_a_finite_loss_is_skipped_and_named_when_the_run_next_logs(monkeypatch):
-    monkeypatch.setattr(LitModel, "reads_loss_every_step", lambda self, loss: False)
-    module = LitModel(VAE((1, 6, 6), z_dim=2, net=NET), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
-    original, calls = module.objective, {"n": 0}
+    on_an_accelerator(monkeypatch)
+    module = vae_module(optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    original, calls = module.loss, {"n": 0}
 
-    def objective(batch):  # at step 2, sqrt(|0 w|): 0 added to the loss, a non-finite gradient
-        loss, metrics = original(batch)
+    def loss(batch):  # at step 2, sqrt(|0 w|): 0 added to the loss, a non-finite gradient
+        value, metrics = original(batch)
         calls["n"] += 1
         if calls["n"] == 3:
-            loss = loss + (module.model.encoder.head[0].weight[0, 0] * 0).abs().sqrt()
-        return loss, metrics
+            value = value + (module.model.encoder.head[0].weight[0, 0] * 0).abs().sqrt()
+        return value, metrics
 
-    monkeypatch.setattr(module, "objective", objective)
+    monkeypatch.setattr(module, "loss", loss)
     with pytest.raises(FloatingPointError, match=r"Non-finite gradient at step 2 \(epoch 0\) of a finite loss\. Training stopped"):
         fit(module, 10, log_every_n_steps=5)
     assert calls["n"] == 5  # it stopped at step 4, the first that logs
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
-def legacy(state_dict: dict) -> dict:
-    """A state dict as it was written when the LightningModule was the model itself."""
-    return {key.removeprefix("model.").removeprefix("vae."): value for key, value in state_dict.items()}
+# -- a new objective needs no change to LitModel -------------------------------------------
+class PosteriorMeanBeta(Objective):
+    """A deterministic beta-VAE objective written outside vaelab: the reconstruction at q(z|x)'s
+    mean minus beta times the closed-form KL. It keeps the base class's ``check``."""
+
+    name = "beta_at_mean"
+
+    def __init__(self, beta: float) -> None:
+        self.beta = beta
+        self._steps: list[int] = []
+
+    def bound(self, model: VAE, x: torch.Tensor) -> torch.Tensor:
+        qz = model.encode(x)
+        prior = Independent(Normal(torch.zeros_like(qz.mean), torch.ones_like(qz.mean)), 1)
+        return model.decode(qz.mean).log_prob(x) - self.beta * kl_divergence(qz, prior)
+
+    def __call__(self, model, batch, step):
+        self._steps.append(step)
+        bound = self.bound(model, batch[0])
+        return -bound.mean(), {"beta_bound": bound.mean()}
+
+    def trained_bound(self, model) -> str:
+        return "beta_bound"
+
+    def validation_terms(self, model, x, y):
+        return {"beta_bound": self.bound(model, x)}
 
 
-def test_checkpoints_and_run_configs_written_before_the_model_interface_load(quick_overrides, tmp_path):
+def test_a_new_objective_trains_through_lit_model_unchanged():
     torch.manual_seed(0)
-    module = LitModel(M2((1, 28, 28), num_classes=10, z_dim=4, net=NET))
-    old = legacy(module.state_dict())
-    assert "encoder.head.input.weight" in old and "classifier.head.0.weight" in old
-    fresh = LitModel(M2((1, 28, 28), num_classes=10, z_dim=4, net=NET))
-    checkpoint = {"state_dict": old}
-    fresh.on_load_checkpoint(checkpoint)
-    fresh.load_state_dict(checkpoint["state_dict"])
-    torch.testing.assert_close(fresh.state_dict(), module.state_dict())
-    current = module.state_dict()
-    assert upgrade_state_dict(current, current) is current  # today's keys are left alone
+    objective = PosteriorMeanBeta(beta=4.0)
+    module = LitModel(VAE((1, 6, 6), z_dim=2, net=NET), objective=objective, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    assert module.trained_bound == "beta_bound"  # validation logs it; by default it picks the best checkpoint
+    assert module.hparams["objective"] == {"name": "beta_at_mean", "beta": 4.0}
 
-    run = tmp_path / "run"
-    (run / ".hydra").mkdir(parents=True)
-    saved = compose_config("train", [*quick_overrides, "model=ssvae", "model.z_dim=4"])
-    saved.model = OmegaConf.create({
-        "_target_": "vaelab.models.SSVAE", "input_shape": [1, 28, 28], "num_classes": 10, "z_dim": 4,
-        "net": {"type": "mlp", "hidden": [16]}, "likelihood": {"type": "bernoulli"}, "alpha": None,
-        "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 3e-4}, "compile": False,
-    })
-    OmegaConf.save(saved, run / ".hydra" / "config.yaml")
-    cfg = restore_run_config(compose_config("evaluate", [*quick_overrides, f"ckpt_path={run}/checkpoints/last.ckpt"]), [])
-    assert cfg.model._target_ == "vaelab.models.M2" and cfg.model.z_dim == 4 and "optimizer" not in cfg.model
+    # the first update is exactly one SGD step down the objective's own gradient
+    x = next(iter(batches(3)))[0]
+    reference = copy.deepcopy(module.model)
+    (-objective.bound(reference, x).mean()).backward()
+    expected = {name: p.detach() - 0.1 * p.grad for name, p in reference.named_parameters()}
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, train_dataloaders=batches(3))
+    for name, p in module.model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], msg=name)
+
+    # it trains on, is told the optimizer step, and validation measures its bound beside the model's
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, train_dataloaders=batches(3), val_dataloaders=batches(2))
+    assert objective._steps == [0, 0, 1, 2]
+    val_x = torch.cat([b[0] for b in batches(2)])
+    with torch.no_grad():
+        assert float(trainer.callback_metrics["val/beta_bound"]) == pytest.approx(float(objective.bound(module.model, val_x).mean()), rel=1e-5)
+    assert "val/elbo" in trainer.callback_metrics
+
+
+def test_a_new_objective_inherits_the_check_for_plain_batches():
+    with pytest.raises(ValueError, match="objective=beta_at_mean trains models without a classifier; M2"):
+        LitModel(M2((1, 6, 6), num_classes=3, z_dim=2, net=NET), objective=PosteriorMeanBeta(1.0))
+    with pytest.raises(ValueError, match=r"VAE trains on plain batches, but data.labeled=100"):
+        LitModel(VAE((1, 6, 6), z_dim=2, net=NET), objective=PosteriorMeanBeta(1.0), data=DataFacts(labeled=100, train_size=1000))

@@ -1,5 +1,6 @@
-"""Training objectives: importance-weighted training (standard and doubly reparameterized
-gradients) and the KL warm-up; which models take which, and the errors for the rest."""
+"""Training objectives (vaelab.objectives): importance-weighted training (standard and doubly
+reparameterized gradients) and the KL warm-up; which models and data each objective takes, and
+the errors, naming the objective, for the rest."""
 
 from __future__ import annotations
 
@@ -9,16 +10,22 @@ import torch
 from vaelab.elbo import dreg_surrogate, iwae_bound
 from vaelab.lit import LitModel
 from vaelab.models import M2, VAE
+from vaelab.objectives import ELBO, IWAE, DataFacts, SemiSupervised
 from vaelab.train import train
 from conftest import compose_config
-from test_lit import fit
+from test_lit import batches, fit
 
 NET = {"type": "mlp", "hidden": [16]}
 
 
-def tiny_vae(num_classes=None) -> VAE:
+def tiny_vae(num_classes=None, **options) -> VAE:
     torch.manual_seed(0)
-    return VAE((1, 6, 6), z_dim=3, num_classes=num_classes, net=NET)
+    return VAE((1, 6, 6), z_dim=3, num_classes=num_classes, net=NET, **options)
+
+
+def tiny_m2() -> M2:
+    torch.manual_seed(0)
+    return M2((1, 6, 6), num_classes=3, z_dim=2, net=NET)
 
 
 def images(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,9 +36,9 @@ def images(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
 def test_iwae_objective_with_one_sample_is_the_elbo_of_that_sample():
     model = tiny_vae()
     x, y = images()
-    module = LitModel(model, objective="iwae", k=1)
+    objective = IWAE(k=1)
     torch.manual_seed(5)
-    loss, metrics = module.objective((x, y))
+    loss, metrics = objective(model, (x, y), 0)
     torch.manual_seed(5)
     qz = model.encode(x)
     z = qz.rsample()
@@ -41,7 +48,7 @@ def test_iwae_objective_with_one_sample_is_the_elbo_of_that_sample():
     # and on average the closed-form ELBO that objective=elbo trains
     torch.manual_seed(6)
     with torch.no_grad():
-        draws = torch.stack([module.objective((x, y))[1]["elbo"] for _ in range(3000)])
+        draws = torch.stack([objective(model, (x, y), 0)[1]["elbo"] for _ in range(3000)])
         assert float(draws.mean()) == pytest.approx(float(closed_form_elbo(model, x)), abs=0.1)
 
 
@@ -54,16 +61,27 @@ def closed_form_elbo(model: VAE, x: torch.Tensor, draws: int = 3000) -> torch.Te
 
 def test_iwae_objective_logs_a_bound_above_its_elbo_and_trains_the_cvae_given_y():
     x, y = images()
-    _, metrics = LitModel(tiny_vae(num_classes=3), objective="iwae", k=20).objective((x, y))
+    cvae, objective = tiny_vae(num_classes=3), IWAE(k=20)
+    _, metrics = objective(cvae, (x, y), 0)
     assert set(metrics) == {"iwae_given_y", "elbo_given_y"}
     assert metrics["iwae_given_y"] > metrics["elbo_given_y"]
-    module = LitModel(tiny_vae(), optimizer=torch.optim.Adam, objective="iwae", k=5, estimator="dreg")
+    assert objective.trained_bound(cvae) == "iwae_given_y" and objective.trained_bound(tiny_vae()) == "iwae"
+    # the CVAE's weights are those of p(x|y) with the true y: other labels give other weights
+    torch.manual_seed(0)
+    given = cvae.log_weights(x, y, 4)
+    torch.manual_seed(0)
+    assert not torch.allclose(given, cvae.log_weights(x, (y + 1) % 3, 4))
+    torch.manual_seed(0)
+    assert torch.allclose(IWAE(k=4)(cvae, (x, y), 0)[0], -iwae_bound(given).mean())
+    module = LitModel(tiny_vae(), optimizer=torch.optim.Adam, objective=IWAE(k=5, estimator="dreg"))
+    before = [p.detach().clone() for p in module.parameters()]
     assert fit(module, 3).global_step == 3
+    assert all(not torch.equal(b, p) for b, p in zip(before, module.parameters()))
 
 
 def test_an_importance_weighted_run_validates_and_keeps_its_best_checkpoint_by_the_bound_it_trains(quick_overrides, tmp_path):
     short = ["trainer.max_epochs=1", "trainer.limit_train_batches=5", "trainer.limit_val_batches=4", "test=false"]
-    cfg = compose_config("train", [*quick_overrides, *short, "lit.objective=iwae", "lit.k=4"])
+    cfg = compose_config("train", [*quick_overrides, *short, "objective=iwae", "objective.k=4"])
     metrics = train(cfg)
     assert cfg.optimized_metric == "val/iwae"
     assert metrics["val/iwae"] > metrics["val/elbo"]  # L_4 above the ELBO on the same images
@@ -106,28 +124,42 @@ def test_dreg_gradients_match_their_definition():
         assert torch.allclose(ours, reference, atol=1e-6)
     assert any(g.abs().sum() > 0 for g in definition)
 
+    torch.manual_seed(3)  # objective=iwae objective.estimator=dreg trains by that gradient (of the batch mean)
+    loss, metrics = IWAE(k=k, estimator="dreg")(model, (x, None), 0)
+    for ours, reference in zip(parameter_grads(loss, encoder + decoder), dreg_encoder + dreg_decoder):
+        assert torch.allclose(ours * len(x), reference, atol=1e-5)
+    torch.testing.assert_close(metrics["iwae"], iwae_bound(log_w).mean())
+
 
 def test_kl_warm_up_weighs_the_kl_from_zero_to_one():
     model, (x, y) = tiny_vae(), images()
-    module = LitModel(model, optimizer=torch.optim.Adam, kl_warmup_steps=4)
+    objective = ELBO(kl_warmup_steps=4)
     torch.manual_seed(2)
-    loss, metrics = module.objective((x, y))  # step 0: beta = 0, the loss is the reconstruction alone
+    loss, metrics = objective(model, (x, y), 0)  # step 0: beta = 0, the loss is the reconstruction alone
     assert metrics["kl_weight"] == 0 and torch.allclose(loss, -metrics["recon"])
+    torch.manual_seed(2)
+    loss, metrics = objective(model, (x, y), 2)  # half-way: half the KL
+    assert metrics["kl_weight"] == 0.5 and torch.allclose(loss, -(metrics["recon"] - 0.5 * metrics["kl"]))
+    assert [objective.kl_weight(step) for step in (1, 4, 100)] == [0.25, 1.0, 1.0]
+    torch.manual_seed(2)
+    loss, metrics = ELBO()(model, (x, y), 0)  # off by default: the ELBO itself from the first step
+    assert ELBO().kl_weight(0) == 1.0 and "kl_weight" not in metrics and torch.allclose(loss, -metrics["elbo"])
+    # LitModel hands the objective its optimizer step
+    module = LitModel(model, optimizer=torch.optim.Adam, objective=objective)
     trainer = fit(module, 2)
-    assert module.kl_weight() == pytest.approx(0.5) and trainer.global_step == 2
+    assert trainer.global_step == 2 and module.loss(next(iter(batches(1))))[1]["kl_weight"] == 0.5
     fit(module, 4)
-    assert module.kl_weight() == 1.0
-    assert LitModel(model).kl_weight() == 1.0  # off by default
+    assert module.loss(next(iter(batches(1))))[1]["kl_weight"] == 1.0
 
 
 def test_kl_warm_up_reaches_both_of_m2s_bounds():
     """At beta = 0 the labeled and unlabeled bounds lose their KL terms: the loss falls by both."""
-    m2 = M2((1, 6, 6), num_classes=3, z_dim=2, net=NET)
+    m2 = tiny_m2()
     (x, y), unlabeled = images(), (images()[0], torch.full((6,), -1))
     losses, metrics = [], None
     for warmup in (0, 4):
         torch.manual_seed(4)
-        loss, metrics = LitModel(m2, alpha=1.0, kl_warmup_steps=warmup).semi_supervised_objective((x, y), unlabeled)
+        loss, metrics = SemiSupervised(alpha=1.0, kl_warmup_steps=warmup)(m2, {"labeled": (x, y), "unlabeled": unlabeled}, 0)
         losses.append(loss)
     torch.manual_seed(4)
     lab, unlab = m2.bound(x, y), m2.bound(unlabeled[0])
@@ -136,24 +168,83 @@ def test_kl_warm_up_reaches_both_of_m2s_bounds():
 
 
 @pytest.mark.parametrize(
-    ("options", "message"),
+    ("build", "message"),
     [
-        ({"objective": "iwea"}, "lit.objective='iwea' must be one of elbo, iwae"),
-        ({"objective": "iwae", "k": 0}, "lit.k must be a positive integer"),
-        ({"objective": "iwae", "estimator": "drg"}, "lit.estimator='drg' must be one of standard, dreg"),
-        ({"k": 5}, "apply to lit.objective=iwae"),
-        ({"estimator": "dreg"}, "apply to lit.objective=iwae"),
-        ({"kl_warmup_steps": -1}, "lit.kl_warmup_steps must be a non-negative integer"),
+        (lambda: IWAE(k=0), "objective.k must be a positive integer"),
+        (lambda: IWAE(k=2.5), "objective.k must be a positive integer"),
+        (lambda: IWAE(estimator="drg"), "objective.estimator='drg' must be one of standard, dreg"),
+        (lambda: ELBO(kl_warmup_steps=-1), "objective.kl_warmup_steps must be a non-negative integer"),
+        (lambda: SemiSupervised(kl_warmup_steps=-1), "objective.kl_warmup_steps must be a non-negative integer"),
+        (lambda: SemiSupervised(alpha=-1.0), "objective.alpha must be >= 0"),
+        (lambda: SemiSupervised(class_balance=-1.0), "objective.class_balance must be >= 0"),
+        (lambda: SemiSupervised(weighting="example"), "objective.weighting='example' must be 'batch' or 'data'"),
+        (lambda: SemiSupervised(unlabeled_weight=-0.5), "objective.unlabeled_weight must be >= 0"),
     ],
 )
-def test_objective_options_are_checked(options, message):
+def test_objective_options_are_checked(build, message):
     with pytest.raises(ValueError, match=message):
-        LitModel(tiny_vae(), **options)
+        build()
+
+
+def test_only_the_chosen_objectives_options_are_accepted(quick_overrides):
+    """An option of another objective is refused, not ignored; an unknown objective lists the known ones."""
+    with pytest.raises(Exception, match="Could not override 'objective.k'"):
+        compose_config("train", [*quick_overrides, "objective.k=5"])
+    with pytest.raises(TypeError, match="estimator"):
+        ELBO(estimator="dreg")
+    with pytest.raises(Exception, match="Could not find 'objective/iwea'") as error:
+        compose_config("train", [*quick_overrides, "objective=iwea"])
+    assert all(name in str(error.value) for name in ("elbo", "iwae", "semisupervised"))
+
+
+@pytest.mark.parametrize(
+    ("objective", "model", "message"),
+    [
+        (ELBO, tiny_m2, r"objective=elbo trains models without a classifier; M2 learns from a few labels"),
+        (lambda: IWAE(k=5), tiny_m2, r"objective=iwae trains the VAE and CVAE; a semi-supervised model"),
+        (SemiSupervised, tiny_vae, r"objective=semisupervised trains models with a classifier q\(y\|x\) .*; VAE has none"),
+        (SemiSupervised, lambda: tiny_vae(num_classes=3), r"objective=semisupervised .*; VAE \(conditional\) has none"),
+    ],
+)
+def test_each_objective_refuses_a_model_it_cannot_train_naming_itself(objective, model, message):
+    data = DataFacts(binary=True, labeled=None if objective is not SemiSupervised else 30, train_size=300)
+    with pytest.raises(ValueError, match=message):
+        objective().check(model(), data)
+    with pytest.raises(ValueError, match=message):  # and LitModel asks it before anything trains
+        LitModel(model(), objective=objective(), data=data)
+
+
+@pytest.mark.parametrize(
+    ("objective", "model", "labeled", "message"),
+    [
+        (ELBO, tiny_vae, 30, r"VAE trains on plain batches, but data.labeled=30 split the training set"),
+        (lambda: IWAE(k=5), lambda: tiny_vae(num_classes=3), 30, r"VAE \(conditional\) trains on plain batches, but data.labeled=30"),
+        (SemiSupervised, tiny_m2, None, r"M2 learns from a few labels and many unlabeled examples: set data.labeled=N"),
+    ],
+)
+def test_each_objective_refuses_data_it_cannot_train_on(objective, model, labeled, message):
+    with pytest.raises(ValueError, match=message):
+        LitModel(model(), objective=objective(), data=DataFacts(binary=True, labeled=labeled, train_size=300))
+
+
+def test_the_objectives_take_the_models_and_data_they_train():
+    plain, labeled = DataFacts(binary=True), DataFacts(binary=True, labeled=30, train_size=300)
+    for objective, model, data in [(ELBO(), tiny_vae(), plain), (ELBO(), tiny_vae(num_classes=3), plain),
+                                   (IWAE(k=3, estimator="dreg"), tiny_vae(), plain), (IWAE(k=3), tiny_vae(num_classes=3), plain),
+                                   (SemiSupervised(alpha=1.0), tiny_m2(), labeled)]:
+        objective.check(model, data)  # no error
+
+
+def test_dreg_needs_the_gaussian_posterior():
+    flow = tiny_vae(posterior={"type": "planar", "length": 2})
+    with pytest.raises(ValueError, match="objective.estimator=dreg needs the Gaussian posterior"):
+        IWAE(k=3, estimator="dreg").check(flow, DataFacts())
+    IWAE(k=3).check(flow, DataFacts())  # the standard estimator takes it
 
 
 def test_m2_refuses_importance_weighted_training():
-    m2 = M2((1, 6, 6), num_classes=3, z_dim=2, net=NET)
-    with pytest.raises(ValueError, match="lit.objective=iwae trains the VAE and CVAE"):
-        LitModel(m2, objective="iwae", k=5)
+    m2 = tiny_m2()
+    with pytest.raises(ValueError, match="objective=iwae trains the VAE and CVAE"):
+        LitModel(m2, objective=IWAE(k=5))
     with pytest.raises(ValueError, match="DReG estimator is not defined"):
         m2.log_weights(images()[0], None, 3, dreg=True)

@@ -10,6 +10,7 @@ from torch.distributions import Normal
 
 from vaelab.lit import LitModel
 from vaelab.models import M2, VAE
+from vaelab.objectives import IWAE
 from vaelab.posteriors import Posterior
 from vaelab.report import latent_codes, model_figures
 from conftest import compose_config
@@ -74,8 +75,10 @@ def test_vae_with_a_flow_estimates_its_kl_at_the_sample(kind):
     assert model.reconstruct(x).shape == x.shape
     assert latent_codes(model, x, None).shape == (4, D)  # the figures of evaluate.py
     assert set(model_figures(model, x, torch.zeros(4, dtype=torch.long), n_samples=4)) == {"reconstructions", "samples"}
-    with pytest.raises(ValueError, match="lit.estimator=dreg needs the Gaussian posterior"):
-        LitModel(model, objective="iwae", k=2, estimator="dreg")
+    assert not model.supports_dreg
+    with pytest.raises(ValueError, match="objective.estimator=dreg needs the Gaussian posterior"):
+        LitModel(model, objective=IWAE(k=2, estimator="dreg"))
+    LitModel(model, objective=IWAE(k=2))  # the standard estimator takes any posterior
 
 
 def test_flow_options_are_checked_and_m2_keeps_the_gaussian():
@@ -89,6 +92,19 @@ def test_flow_options_are_checked_and_m2_keeps_the_gaussian():
 
 @pytest.mark.parametrize(("model", "posterior"), [("vae", "planar"), ("cvae", "iaf"), ("vae", "gaussian")])
 def test_posterior_configs_build_their_models(model, posterior, quick_overrides):
+    """posterior= reaches the model: a flow's q(z|x) is no longer the Gaussian of its base
+    parameters, and only the Gaussian takes the DReG estimator."""
     cfg = compose_config("train", [*quick_overrides, f"model={model}", f"posterior={posterior}"])
+    torch.manual_seed(0)
     built = hydra.utils.instantiate(cfg.model)
-    assert built.posterior.type == posterior
+    assert built.supports_dreg == (posterior == "gaussian")
+    x, y = torch.bernoulli(torch.full((3, 1, 28, 28), 0.3)), torch.arange(3)
+    y = y if model == "cvae" else None
+    qz = built.encode(x, y)
+    params = built.encoder(x, y)
+    base = Normal(params[:, :built.z_dim], torch.exp(0.5 * params[:, built.z_dim : 2 * built.z_dim]))
+    z = qz.rsample()
+    is_base = torch.allclose(qz.log_prob(z), base.log_prob(z).sum(-1), atol=1e-5)
+    assert is_base == (posterior == "gaussian")
+    with torch.no_grad():
+        assert torch.isfinite(built.bound(x, y).elbo).all()

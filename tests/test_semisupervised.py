@@ -1,4 +1,5 @@
-"""Labeled/unlabeled split, CVAE and the M2 semi-supervised VAE."""
+"""Labeled/unlabeled split, CVAE, the M2 semi-supervised VAE and its objective
+(vaelab.objectives.SemiSupervised, Kingma et al. 2014, eq. 9)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from torch.distributions import Normal
 from vaelab.data import MNISTDataModule
 from vaelab.nets import ConvFeatures
 from vaelab.data.split import balanced_split, parse_labeled
-from vaelab.elbo import marginal_kl, unlabeled_bound
+from vaelab.elbo import class_information, marginal_kl, unlabeled_bound
 from vaelab.lit import LitModel
 from vaelab.models import M2, VAE
+from vaelab.objectives import ELBO, DataFacts, SemiSupervised
 from vaelab.report import model_figures
-from vaelab.train import train
+from vaelab.train import build, train
 from vaelab.viz import table_grid
 from conftest import compose_config
 
@@ -105,22 +107,22 @@ def test_vectorised_unlabeled_bound_equals_the_per_class_loop(monkeypatch):
 def test_objective_is_eq_9_with_batch_means(monkeypatch):
     monkeypatch.setattr(Normal, "rsample", lambda self, shape=torch.Size(): self.loc)  # z = mean
     model = tiny_m2()
-    lit = LitModel(model, alpha=1.0)
     x_lab, y_lab = torch.bernoulli(torch.full((4, 1, 6, 6), 0.4)), torch.tensor([0, 1, 2, 3])
     x_unlab = torch.bernoulli(torch.full((6, 1, 6, 6), 0.4))
-    loss, metrics = lit.objective({"labeled": (x_lab, y_lab), "unlabeled": (x_unlab, torch.full((6,), -1))})
+    batch = {"labeled": (x_lab, y_lab), "unlabeled": (x_unlab, torch.full((6,), -1))}
+    loss, metrics = SemiSupervised(alpha=1.0)(model, batch, 0)
     L = model.bound(x_lab, y_lab).elbo.mean()
     U = model.bound(x_unlab).elbo.mean()
     ce = F.cross_entropy(model.classify(x_lab), y_lab)
     torch.testing.assert_close(loss, -(L - 1.0 * ce + U))
-    lit.weighting, lit.labeled_share = "data", 0.01
-    loss, _ = lit.objective({"labeled": (x_lab, y_lab), "unlabeled": (x_unlab, torch.full((6,), -1))})
-    torch.testing.assert_close(loss, -(0.01 * (L - 1.0 * ce) + 0.99 * U))
     torch.testing.assert_close(metrics["ce"], ce)
     torch.testing.assert_close(metrics["elbo"], U)
     torch.testing.assert_close(metrics["elbo_labeled"], L)
-    lit.weighting, lit.class_balance = "batch", 2.0
-    loss, metrics = lit.objective({"labeled": (x_lab, y_lab), "unlabeled": (x_unlab, torch.full((6,), -1))})
+    by_data = SemiSupervised(alpha=1.0, weighting="data")
+    by_data.check(model, DataFacts(labeled=100, train_size=10_000))  # the labeled share, 0.01, from the data facts
+    loss, _ = by_data(model, batch, 0)
+    torch.testing.assert_close(loss, -(0.01 * (L - 1.0 * ce) + 0.99 * U))
+    loss, metrics = SemiSupervised(alpha=1.0, class_balance=2.0)(model, batch, 0)
     balance = marginal_kl(model.classify(x_unlab), -math.log(4))
     torch.testing.assert_close(loss, -(L - 1.0 * ce + U) + 2.0 * balance)
     torch.testing.assert_close(metrics["marginal_kl"], balance)
@@ -136,10 +138,29 @@ def test_the_class_balance_term_is_the_kl_of_the_batch_marginal_to_the_prior():
     assert float(marginal_kl(one_class, -math.log(4))) == pytest.approx(math.log(4), abs=1e-4)  # all in one class
 
 
-def test_alpha_takes_the_papers_scaling_from_the_data_facts():
-    lit = LitModel(tiny_m2(), labeled=100, train_size=50_000)
-    assert lit.alpha == pytest.approx(50.0) and lit.hparams.alpha == pytest.approx(50.0)
-    assert LitModel(tiny_m2(), alpha=3.0, labeled=100, train_size=50_000).alpha == 3.0
+@pytest.mark.parametrize("labeled, train_size", [(100, 50_000), (600, 50_000), (1000, 73_257)])
+def test_alpha_takes_the_papers_scaling_from_the_data_facts(labeled, train_size):
+    """alpha = 0.1 * N / N_lab (Kingma et al. 2014), resolved by the objective's check from DataFacts."""
+    objective = SemiSupervised()
+    assert objective.alpha is None  # unresolved until the data are known
+    objective.check(tiny_m2(), DataFacts(binary=True, labeled=labeled, train_size=train_size))
+    assert objective.alpha == pytest.approx(0.1 * train_size / labeled)
+    assert objective.settings()["alpha"] == pytest.approx(0.1 * train_size / labeled)
+    # LitModel has it resolved, trains with it and saves it: checkpoints and loggers show what trained
+    lit = LitModel(tiny_m2(), objective=SemiSupervised(), data=DataFacts(labeled=labeled, train_size=train_size))
+    assert lit.objective.alpha == pytest.approx(0.1 * train_size / labeled)
+    assert lit.hparams["objective"]["alpha"] == pytest.approx(0.1 * train_size / labeled)
+    x_lab, y_lab = torch.bernoulli(torch.full((4, 1, 6, 6), 0.4)), torch.tensor([0, 1, 2, 3])
+    batch = {"labeled": (x_lab, y_lab), "unlabeled": (x_lab, torch.full((4,), -1))}
+    _, metrics = lit.loss(batch)
+    torch.manual_seed(0)
+    loss, _ = lit.loss(batch)
+    torch.manual_seed(0)
+    unscaled, _ = SemiSupervised(alpha=0.0)(lit.model, batch, 0)
+    torch.testing.assert_close(loss - unscaled, 0.1 * train_size / labeled * metrics["ce"])
+    # a set alpha is kept
+    kept = LitModel(tiny_m2(), objective=SemiSupervised(alpha=3.0), data=DataFacts(labeled=labeled, train_size=train_size))
+    assert kept.objective.alpha == 3.0 and kept.hparams["objective"]["alpha"] == 3.0
 
 
 def test_unlabeled_bound_formula():
@@ -175,7 +196,7 @@ def test_cvae_samples_the_requested_class_in_each_row():
     assert figures["classes"].shape[1:] == (4 * 8 + 2, 3 * 8 + 2)  # 4 class rows of 3 samples
 
 
-@pytest.mark.parametrize("model, extra", [("cvae", []), ("ssvae", ["data.labeled=100", "lit.alpha=null"])])
+@pytest.mark.parametrize("model, extra", [("cvae", []), ("ssvae", ["data.labeled=100", "objective.alpha=null"])])
 def test_fast_dev_run(model, extra, quick_overrides):
     cfg = compose_config("train", [*quick_overrides, f"model={model}", *extra, "debug=fdr"])
     metrics = train(cfg)
@@ -183,18 +204,18 @@ def test_fast_dev_run(model, extra, quick_overrides):
     if model == "ssvae":
         assert {"train/elbo", "train/elbo_labeled", "train/ce", "train/entropy", "val/elbo", "val/acc", "test/acc"} <= set(metrics)
         assert {"val/kl_y", "val/mi", "test/kl_y", "test/mi"} <= set(metrics)
-        assert cfg.lit.alpha == pytest.approx(0.1 * 50_000 / 100)  # resolved, as config.yaml and the loggers show it
+        assert cfg.objective.alpha == pytest.approx(0.1 * 50_000 / 100)  # resolved, as config.yaml and the loggers show it
     else:
         assert {"train/elbo_given_y", "val/elbo_given_y"} <= set(metrics) and "val/elbo" not in metrics
 
 
 def test_ssvae_without_labels_fails_clearly(quick_overrides):
-    with pytest.raises(ValueError, match="model=ssvae learns from a few labels .* set data.labeled=N"):
+    with pytest.raises(ValueError, match="M2 learns from a few labels .* set data.labeled=N"):
         train(compose_config("train", [*quick_overrides, "model=ssvae", "debug=fdr"]))
 
 
 def test_cvae_on_a_partly_labeled_split_fails_clearly(quick_overrides):
-    with pytest.raises(ValueError, match="CVAE trains on plain batches, but data.labeled=100"):
+    with pytest.raises(ValueError, match=r"VAE \(conditional\) trains on plain batches, but data.labeled=100"):
         train(compose_config("train", [*quick_overrides, "model=cvae", "data.labeled=100", "debug=fdr"]))
 
 
@@ -214,16 +235,16 @@ def test_short_run_of_the_default_m2_learns_from_100_labels(quick_overrides):
 
 
 def test_unlabeled_weight_zero_is_the_supervised_baseline(monkeypatch):
-    """lit.unlabeled_weight=0 trains the same classifier on the labels alone: U(x) is not computed
+    """objective.unlabeled_weight=0 trains the same classifier on the labels alone: U(x) is not computed
     and the classifier's gradient is the labeled cross-entropy's."""
     model = tiny_m2()
     x_lab, y_lab = torch.bernoulli(torch.full((4, 1, 6, 6), 0.4)), torch.tensor([0, 1, 2, 3])
     batch = {"labeled": (x_lab, y_lab), "unlabeled": (torch.bernoulli(torch.full((6, 1, 6, 6), 0.4)), torch.full((6,), -1))}
-    baseline = LitModel(model, alpha=2.0, unlabeled_weight=0.0)
+    baseline = SemiSupervised(alpha=2.0, unlabeled_weight=0.0)
     calls = []
     bound = M2.bound
     monkeypatch.setattr(M2, "bound", lambda self, x, y=None, qy_logits=None: calls.append(y is None) or bound(self, x, y, qy_logits))
-    loss, metrics = baseline.objective(batch)
+    loss, metrics = baseline(model, batch, 0)
     assert calls == [False] and "elbo" not in metrics  # only the labeled bound
     loss.backward()
     grads = [p.grad.clone() for p in model.classifier.parameters()]
@@ -231,18 +252,16 @@ def test_unlabeled_weight_zero_is_the_supervised_baseline(monkeypatch):
     (2.0 * F.cross_entropy(model.classify(x_lab), y_lab)).backward()
     for grad, expected in zip(grads, [p.grad for p in model.classifier.parameters()]):
         torch.testing.assert_close(grad, expected)
-    half = LitModel(model, alpha=2.0, unlabeled_weight=0.5)
-    full = LitModel(model, alpha=2.0)
+    half = SemiSupervised(alpha=2.0, unlabeled_weight=0.5)
+    full = SemiSupervised(alpha=2.0)
     torch.manual_seed(0)
-    _, parts = full.objective(batch)
+    _, parts = full(model, batch, 0)
     torch.manual_seed(0)
-    loss_half, _ = half.objective(batch)
+    loss_half, _ = half(model, batch, 0)
     torch.testing.assert_close(loss_half, -(parts["elbo_labeled"] - 2.0 * parts["ce"] + 0.5 * parts["elbo"]))
 
 
 def test_class_information_of_q_y():
-    from vaelab.lit import class_information
-
     certain = torch.eye(4).repeat(5, 1) * 50  # confident, every class equally often
     info = class_information(certain)
     torch.testing.assert_close(info["kl_y"], torch.full((20,), math.log(4)), atol=1e-4, rtol=0)
@@ -253,17 +272,32 @@ def test_class_information_of_q_y():
     torch.testing.assert_close(uniform["kl_y"], torch.zeros(7), atol=1e-6, rtol=0)
 
 
-def test_m2_recipe_composes_and_the_papers_setting_is_one_override_away(quick_overrides):
-    cfg = compose_config("train", [*quick_overrides, "model=ssvae"])
-    assert cfg.model.net.hidden == [500] and cfg.model.classifier_net.type == "conv"
-    assert (cfg.lit.alpha, cfg.lit.optimizer.lr, cfg.lit.gradient_clip_val, cfg.lit.class_balance) == (10.0, 1e-3, 5.0, 10.0)
-    model = hydra.utils.instantiate(cfg.model)
-    assert isinstance(model.classifier.features, ConvFeatures) and len(model.vae.encoder.head.body[1]) == 1  # 500 -> out
-    assert compose_config("train", [*quick_overrides, "model=ssvae", "net=mlp"]).model.net.hidden == [500, 500]
-    paper = compose_config("train", [*quick_overrides, "experiment=m2_mnist_100"])
-    assert (paper.model.net.hidden, paper.model.net.activation, paper.model.classifier_net) == ([500], "softplus", None)
-    assert (paper.lit.alpha, paper.lit.optimizer.lr, paper.lit.gradient_clip_val, paper.lit.class_balance) == (None, 3e-4, None, 0.0)
-    built = hydra.utils.instantiate(paper.model)
-    assert not isinstance(built.classifier.features, ConvFeatures)  # q(y|x) is the same MLP as the other networks
-    vae = compose_config("train", [*quick_overrides, "model=vae"])
-    assert vae.model.net.hidden == [500, 500] and vae.lit.class_balance == 0.0
+def built(quick_overrides: list[str], *overrides: str) -> LitModel:
+    """The LitModel that train.py builds for these overrides (model, objective and data facts)."""
+    cfg = compose_config("train", [*quick_overrides, *overrides])
+    return build(cfg, hydra.utils.instantiate(cfg.data))
+
+
+def encoder_widths(model) -> list[int]:
+    encoder = model.vae.encoder if isinstance(model, M2) else model.encoder
+    return [layer.out_features for layer in encoder.modules() if isinstance(layer, torch.nn.Linear)]
+
+
+def test_m2_recipe_builds_and_the_papers_setting_is_one_override_away(quick_overrides):
+    recipe = built(quick_overrides, "model=ssvae", "data.labeled=100")
+    assert isinstance(recipe.model.classifier.features, ConvFeatures)
+    assert encoder_widths(recipe.model) == [500, 2 * 50]  # one hidden layer, then q(z|x)'s mean and scale
+    assert encoder_widths(built(quick_overrides, "model=ssvae", "net=mlp", "data.labeled=100").model) == [500, 500, 100]
+    # objective=ssvae: its own alpha (not the paper's 0.1 N / N_lab = 50) and the class-balance term
+    assert isinstance(recipe.objective, SemiSupervised)
+    assert (recipe.objective.alpha, recipe.objective.class_balance) == (10.0, 10.0)
+    assert recipe.configure_optimizers().param_groups[0]["lr"] == 1e-3 and recipe.stepping.gradient_clip_val == 5.0
+    paper = built(quick_overrides, "experiment=m2_mnist_100")
+    assert encoder_widths(paper.model) == [500, 100]
+    assert any(isinstance(layer, torch.nn.Softplus) for layer in paper.model.modules())
+    assert not any(isinstance(layer, torch.nn.ReLU) for layer in paper.model.modules())
+    assert not isinstance(paper.model.classifier.features, ConvFeatures)  # q(y|x) is the same MLP as the other networks
+    assert paper.objective.alpha == pytest.approx(0.1 * 50_000 / 100) and paper.objective.class_balance == 0.0
+    assert paper.configure_optimizers().param_groups[0]["lr"] == 3e-4 and paper.stepping.gradient_clip_val is None
+    vae = built(quick_overrides, "model=vae")
+    assert encoder_widths(vae.model) == [500, 500, 100] and isinstance(vae.objective, ELBO)  # no class-balance term

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from vaelab.data import SVHNDataModule
 from vaelab.data.svhn import read_svhn_mat
+from vaelab.nets.conv import ConvFeatures
 from vaelab.train import build, train
 from conftest import compose_config, run_script
 
@@ -56,6 +57,13 @@ def test_splits_labeled_subset_and_extra(svhn_dir):
     assert len(with_extra.train_set) == 400
     x, _ = with_extra.example_batch(4)
     assert x.shape == (4, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+
+
+def test_train_inputs_are_the_8_bit_training_images_in_the_unit_interval(svhn_dir):
+    dm = SVHNDataModule(str(svhn_dir), download=False, val_size=50, labeled=100)
+    x = dm.train_inputs()
+    assert x.shape == (350, 3, 32, 32)
+    torch.testing.assert_close(x, dm.train_set.images.float() / 255)
 
 
 def test_missing_files_are_named(tmp_path):
@@ -106,7 +114,9 @@ def test_command_line_svhn_run_picks_conv_and_logistic(svhn_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     saved = OmegaConf.load(next(tmp_path.glob("train/runs/*/config.yaml")))
-    assert (saved.model.net.type, saved.model.likelihood.type) == ("conv", "logistic")
+    model = hydra.utils.instantiate(saved.model)  # the model the run trained: convolutions, an 8-bit likelihood
+    assert isinstance(model.classifier.features, ConvFeatures) and isinstance(model.vae.encoder.features, ConvFeatures)
+    assert model.likelihood.type == "logistic" and not model.likelihood.binary
 
 
 def test_svhn_with_a_bernoulli_likelihood_fails_clearly(svhn_dir, tmp_path):

@@ -4,18 +4,23 @@ config, restarted jobs resuming, the Optuna search and the W&B sweep spec."""
 from __future__ import annotations
 
 import subprocess
+from types import SimpleNamespace
 
+import hydra
 import optuna
 import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
+from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from vaelab.search import OptunaSearch, search_space
-from vaelab.utils import CONFIG_DIR
-from conftest import REPO_ROOT, run_script
+import vaelab.train
+from vaelab.metrics import metric_direction
+from vaelab.search import OptunaPruning, OptunaSearch, reporting_to, search_space
+from vaelab.utils import CONFIG_DIR, instantiate_callbacks
+from conftest import REPO_ROOT, compose_config, run_script
 
 
 def run_train(*overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -67,13 +72,13 @@ def test_a_restarted_cluster_job_resumes_from_its_last_checkpoint(mnist_dir, tmp
 def test_search_space_is_written_in_hydra_override_syntax():
     space, fixed = search_space([
         "lit.optimizer.lr=tag(log, interval(1e-4, 1e-2))", "model.z_dim=choice(8, 16)", "data.batch_size=range(32, 129, 32)",
-        "lit.alpha=interval(1, 100)", "data.labeled_batch_size=tag(log, int(interval(2, 64)))", "trainer.max_epochs=3",
+        "objective.alpha=interval(1, 100)", "data.labeled_batch_size=tag(log, int(interval(2, 64)))", "trainer.max_epochs=3",
     ])
     assert space == {
         "lit.optimizer.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
         "model.z_dim": optuna.distributions.CategoricalDistribution([8, 16]),
         "data.batch_size": optuna.distributions.IntDistribution(32, 128, step=32),
-        "lit.alpha": optuna.distributions.FloatDistribution(1, 100),  # Hydra's intervals are floats...
+        "objective.alpha": optuna.distributions.FloatDistribution(1, 100),  # Hydra's intervals are floats...
         "data.labeled_batch_size": optuna.distributions.IntDistribution(2, 64, log=True),  # ...unless cast
     }
     assert fixed == ["trainer.max_epochs=3"]
@@ -93,6 +98,93 @@ def test_the_search_direction_follows_the_metric():
             cfg = compose(config_name="train", overrides=["hparams_search=ssvae_optuna", f"optimized_metric={metric}"], return_hydra_config=True)
             assert cfg.hydra.sweeper.direction == direction
             assert cfg.hydra.sweeper._target_ == "hydra_plugins.vaelab_optuna.OptunaSweeper"
+
+
+def validation(metric: str, value: float, step: int) -> SimpleNamespace:
+    """What a pruning callback reads from the trainer after a validation."""
+    return SimpleNamespace(sanity_checking=False, callback_metrics={metric: torch.tensor(value)}, global_step=step)
+
+
+def test_a_trials_job_gets_its_pruning_callback_through_the_callbacks_config(quick_overrides):
+    """reporting_to(trial) yields the overrides that add OptunaPruning to the job's callbacks:
+    config, as every callback reaches a run; the callback finds the running trial by its number,
+    reports the monitored metric after each validation and prunes when the study's pruner says so."""
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=-50.0))
+    trial = study.ask()
+    with reporting_to(trial) as overrides:
+        cfg = compose_config("train", [*quick_overrides, "optimized_metric=val/elbo", *overrides])
+        (pruning,) = [c for c in instantiate_callbacks(cfg.callbacks) if isinstance(c, OptunaPruning)]
+        assert pruning.trial is trial and pruning.monitor == "val/elbo"  # ${optimized_metric}, resolved
+        pruning.on_validation_end(SimpleNamespace(sanity_checking=True, callback_metrics={}, global_step=0), None)
+        pruning.on_validation_end(validation("val/elbo", -20.0, 5), None)  # above the threshold: goes on
+        with pytest.raises(optuna.TrialPruned, match="pruned after 9 steps at val/elbo=-90"):
+            pruning.on_validation_end(validation("val/elbo", -90.0, 9), None)
+        with pytest.raises(KeyError, match="optimized_metric='val/elbo', which the search optimises, was not logged"):
+            pruning.on_validation_end(validation("val/acc", 0.5, 10), None)
+    assert study.trials[0].intermediate_values == {5: -20.0, 9: -90.0}  # the sanity check reported nothing
+    with pytest.raises(RuntimeError, match="reports to trial 0 of an Optuna search, which does not run in this process"):
+        OptunaPruning(trial.number, "val/elbo")  # the trial's job is over
+    assert not any(isinstance(c, OptunaPruning) for c in instantiate_callbacks(compose_config("train", quick_overrides).callbacks))
+
+
+class InProcessLauncher:
+    """Runs each trial's job in this process as train.py would meet it: its config composed from
+    the trial's overrides, its callbacks instantiated, then validations reporting val/elbo =
+    ``curves[model.z_dim]`` one after the other; returns the last value, or fails with what was raised."""
+
+    def __init__(self, base: list[str], curves: dict[int, list[float]]) -> None:
+        self.base, self.curves, self.launched = base, curves, []
+
+    def launch(self, job_overrides, initial_job_idx):
+        (overrides,) = job_overrides
+        self.launched.append(list(overrides))
+        cfg = compose_config("train", [*self.base, "optimized_metric=val/elbo", *overrides])
+        callbacks = instantiate_callbacks(cfg.callbacks)
+        result = JobReturn(overrides=overrides)
+        try:
+            for step, value in enumerate(self.curves[cfg.model.z_dim], start=1):
+                for callback in callbacks:
+                    if isinstance(callback, OptunaPruning):
+                        callback.on_validation_end(validation("val/elbo", value, 10 * step), None)
+            result.status, result.return_value = JobStatus.COMPLETED, value
+        except Exception as error:
+            result.status, result.return_value = JobStatus.FAILED, error
+        return [result]
+
+
+@pytest.mark.parametrize("pruner", ["threshold", None])
+def test_a_trial_its_pruner_stops_is_recorded_as_pruned(pruner, quick_overrides, tmp_path):
+    curves = {4: [-40.0, -80.0, -70.0], 8: [-30.0, -20.0, -10.0]}  # z_dim=4 falls below the threshold at its second validation
+    search = OptunaSearch(
+        "s", None, "maximize", 2, sampler=optuna.samplers.BruteForceSampler(seed=0),
+        pruner=optuna.pruners.ThresholdPruner(lower=-50.0) if pruner else None,
+    )
+    search.launcher, search.in_process = InProcessLauncher(quick_overrides, curves), True
+    search.config = OmegaConf.create({"optimized_metric": "val/elbo", "hydra": {"sweep": {"dir": str(tmp_path)}}})
+    study = search.sweep(["model.z_dim=choice(4, 8)"])
+    trials = {t.params["model.z_dim"]: t for t in study.trials}
+    for overrides in search.launcher.launched:  # pruning reaches the job through its overrides, and only with a pruner
+        assert any(o.startswith("+callbacks.optuna_pruning.trial=") for o in overrides) == bool(pruner)
+    results = OmegaConf.load(tmp_path / "optimization_results.yaml")
+    assert trials[8].state == TrialState.COMPLETE and trials[8].value == -10.0 and results.best_value == -10.0
+    if pruner:
+        assert trials[4].state == TrialState.PRUNED and trials[4].intermediate_values == {10: -40.0, 20: -80.0}
+        assert "error" not in trials[4].user_attrs  # a pruned trial is no failure
+        assert results.trials == {"complete": 1, "pruned": 1}
+    else:
+        assert trials[4].state == TrialState.COMPLETE and trials[4].value == -70.0 and not trials[4].intermediate_values
+        assert results.trials == {"complete": 2}
+
+
+def test_trials_in_other_processes_are_not_pruned(quick_overrides, tmp_path, caplog):
+    """A launcher that runs jobs in other processes (SLURM): no trial can report to the study while it
+    trains, so the jobs get no pruning callback and run to the end."""
+    search = OptunaSearch("s", None, "maximize", 1, pruner=optuna.pruners.ThresholdPruner(lower=0.0))
+    search.launcher, search.in_process = InProcessLauncher(quick_overrides, {4: [-40.0]}), False
+    search.config = OmegaConf.create({"optimized_metric": "val/elbo", "hydra": {"sweep": {"dir": str(tmp_path)}}})
+    study = search.sweep(["model.z_dim=choice(4)"])
+    assert study.trials[0].state == TrialState.COMPLETE
+    assert not any("optuna_pruning" in o for o in search.launcher.launched[0])
 
 
 @pytest.mark.slow
@@ -127,14 +219,31 @@ def test_optuna_search_records_failures_prunes_and_resumes_from_its_storage(mnis
     assert len(optuna.load_study(study_name="s", storage=storage).trials) == 3
 
 
-def test_wandb_sweep_parameters_are_valid_overrides():
+# where each parameter of the W&B sweep takes effect, in the module (and data) that train.py builds
+SWEPT = {
+    "lit.optimizer.lr": lambda module, data: module.configure_optimizers().param_groups[0]["lr"],
+    "model.z_dim": lambda module, data: module.model.z_dim,
+    "objective.alpha": lambda module, data: module.objective.alpha,
+    "data.labeled_batch_size": lambda module, data: data.labeled_batch_size,
+}
+
+
+def test_wandb_sweep_parameters_reach_what_they_set():
+    """Every parameter of sweeps/ssvae_wandb.yaml is an override of train.yaml that reaches the
+    optimizer, model, objective or data that train.py builds, with the command's fixed arguments."""
     spec = yaml.safe_load((REPO_ROOT / "sweeps" / "ssvae_wandb.yaml").read_text())  # W&B's syntax, not OmegaConf's
     assert (REPO_ROOT / spec["program"]).is_file() and "${args_no_hyphens}" in spec["command"]
     fixed = [arg for arg in spec["command"] if "=" in arg]
+    assert metric_direction(spec["metric"]["name"]) == spec["metric"]["goal"]
+    assert set(spec["parameters"]) == set(SWEPT)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         base = compose(config_name="train", overrides=fixed)
         assert base.optimized_metric == spec["metric"]["name"]
         for name, space in spec["parameters"].items():
             value = space["values"][0] if "values" in space else space["min"]
             cfg = compose(config_name="train", overrides=[*fixed, f"{name}={value}"])  # unknown keys fail
-            assert OmegaConf.select(cfg, name) == value
+            data = hydra.utils.instantiate(cfg.data)
+            facts = SimpleNamespace(binary=True, labeled=data.labeled, train_size=50_000)
+            module = vaelab.train.build(cfg, facts)
+            assert SWEPT[name](module, data) == pytest.approx(value), name
+            assert SWEPT[name](vaelab.train.build(base, facts), hydra.utils.instantiate(base.data)) != pytest.approx(value), name

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from torchmetrics.classification import MulticlassAccuracy
 
 from vaelab.nets import Encoder
+from vaelab.utils import checkpoints
 from vaelab.utils.run import atomic_write
 from vaelab.utils import CONFIG_DIR
 
@@ -87,7 +88,7 @@ def load_classifier(path: Path, datamodule: pl.LightningDataModule, epochs: int 
     ``datamodule`` when the file is missing."""
     if not path.is_file():
         return build_classifier(datamodule, path, epochs)
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = checkpoints.read(path, "the cached classifier")
     model = ImageClassifier(**saved["hyper_parameters"])
     model.load_state_dict(saved["state_dict"])
     return model.eval(), float(saved["test_acc"])

@@ -74,12 +74,12 @@ def auxiliary_bound(
 def unlabeled_bound(per_class: dict[str, torch.Tensor], qy_logits: torch.Tensor) -> dict[str, torch.Tensor]:
     """M2's unlabeled bound  U(x) = sum_y q(y|x) L(x,y) + H(q(y|x)), per example.
 
-    ``per_class`` holds the labeled-bound terms for every class, each of shape (K, B);
-    ``qy_logits`` (B, K) parameterise q(y|x). Every term is returned as its expectation under
+    ``per_class`` holds the labeled-bound terms for every class, each of shape (K, ...);
+    ``qy_logits`` (..., K) parameterise q(y|x). Every term is returned as its expectation under
     q(y|x), with ``elbo`` = U(x) and ``entropy`` = H(q(y|x)).
     """
     qy = Categorical(logits=qy_logits, validate_args=False)
-    weights = qy.probs.T
+    weights = qy.probs.movedim(-1, 0)
     terms = {name: (weights * value).sum(0) for name, value in per_class.items()}
     terms["entropy"] = qy.entropy()
     terms["elbo"] = terms["elbo"] + terms["entropy"]
@@ -145,3 +145,16 @@ def dreg_surrogate(log_weights: torch.Tensor) -> torch.Tensor:
 def bits_per_dim(log_likelihood: torch.Tensor, dims: int) -> torch.Tensor:
     """-log p(x) / (D ln 2): a per-example bound or log-likelihood in nats as bits per dimension."""
     return -log_likelihood / (dims * math.log(2))
+
+
+def class_information(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How much q(y|x) says about the class, per example: ``kl_y`` = KL(q(y|x) || p(y)) =
+    log K - H(q(y|x)) for the uniform p(y) (the y part of the KL, beside z's ``kl``), and ``mi``,
+    the mutual information I(x; y) = H(E_x q(y|x)) - E_x H(q(y|x)) under q, estimated on the
+    batch (the same value for each of its examples). mi near 0: the classifier's answers do not
+    depend on the image; near log K: confident and spread evenly over the classes."""
+    log_q = logits.log_softmax(-1)
+    entropy = -(log_q.exp() * log_q).sum(-1)
+    marginal = log_q.exp().mean(0)
+    mi = -(marginal * marginal.clamp_min(1e-12).log()).sum() - entropy.mean()
+    return {"kl_y": math.log(logits.shape[-1]) - entropy, "mi": mi.expand(len(logits))}

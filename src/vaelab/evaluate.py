@@ -21,12 +21,14 @@ from omegaconf import DictConfig
 
 from vaelab.classifier import load_classifier, real_image_data, sample_accuracy
 from vaelab.data import ImageDataModule
-from vaelab.lit import LitModel, model_name
-from vaelab.models import LatentModel
+from vaelab.iwae import passes
+from vaelab.lit import LitModel
+from vaelab.models.base import LatentModel
+from vaelab.objectives import model_kind
 from vaelab.report import latent_codes, model_figures, save_figures
 from vaelab.train import build, finish_wandb
-from vaelab.utils import CONFIG_DIR, apply_extras, check_checkpoint, instantiate_loggers, log_hyperparameters, restore_run_config
-from vaelab.utils.checkpoint import settings_from_checkpoint
+from vaelab.utils import CONFIG_DIR, apply_extras, instantiate_loggers, log_hyperparameters
+from vaelab.utils.checkpoints import apply_model_settings, check_checkpoint, restore_run_config
 from vaelab.utils.run import atomic_write, run_directory, signal_exit_status
 from vaelab.viz import confusion_plot, latent_scatter
 
@@ -45,7 +47,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, f
 def _evaluate(cfg: DictConfig) -> dict[str, float]:
     apply_extras(cfg)
     datamodule: ImageDataModule = hydra.utils.instantiate(cfg.data)
-    settings_from_checkpoint(cfg, cfg.ckpt_path)
+    apply_model_settings(cfg, cfg.ckpt_path)
     module = build(cfg, datamodule, iwae_k=cfg.eval.iwae_k, iwae_rows=cfg.eval.iwae_rows)
     check_checkpoint(cfg.ckpt_path, module)
     if cfg.eval.iwae_k:
@@ -97,8 +99,8 @@ def iwae_cost(module: LitModel, k: int, datamodule: ImageDataModule) -> str:
     """What the importance-weighted bound will cost: decoder rows and forward passes over the test set."""
     datamodule.setup("test")
     images, batch, per_image = len(datamodule.test_set), datamodule.eval_batch_size, module.model.rows_per_sample
-    passes = len(module.iwae_passes(min(batch, images), k)) * -(-images // batch)
-    return f"{k * images * per_image:.3g} decoder rows (k x {images} test images x {per_image}) in {passes} passes"
+    count = len(passes(min(batch, images), k, per_image, module.iwae_rows)) * -(-images // batch)
+    return f"{k * images * per_image:.3g} decoder rows (k x {images} test images x {per_image}) in {count} passes"
 
 
 @torch.no_grad()
@@ -131,7 +133,7 @@ def write_report(cfg: DictConfig, model, metrics: dict[str, float], report: dict
     binarized = getattr(cfg.data, "binarize", False)
     result = {
         "checkpoint": str(Path(cfg.ckpt_path).resolve()),
-        "model": model_name(model),
+        "model": model_kind(model),
         "likelihood": model.likelihood_description,
         "data": cfg.data._target_.rsplit(".", 1)[-1],
         "test_inputs": f"binarized once with seed data.split_seed={cfg.data.split_seed}" if binarized else "8-bit pixels",

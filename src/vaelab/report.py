@@ -9,7 +9,7 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torchvision.utils import save_image
 
-from vaelab.models import LatentModel
+from vaelab.models.base import LatentModel
 from vaelab.posteriors import posterior_point
 from vaelab.viz import analogy_grid, image_grid, normal_quantile_grid, reconstruction_grid, table_grid
 

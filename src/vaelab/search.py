@@ -27,18 +27,23 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-_trial: optuna.Trial | None = None  # the trial of the training job running in this process
+_running: dict[int, optuna.Trial] = {}  # the trials whose training jobs run in this process, by number
 
 
 @contextmanager
-def reporting_to(trial: optuna.Trial) -> Iterator[None]:
-    """Let the training job run inside this block report to ``trial`` (``pruning_callback``)."""
-    global _trial
-    _trial = trial
+def reporting_to(trial: optuna.Trial) -> Iterator[list[str]]:
+    """Let the training job run inside this block report to ``trial``: yields the overrides
+    that give the job an ``OptunaPruning`` callback for it (through ``callbacks:``, as every
+    callback reaches a run)."""
+    _running[trial.number] = trial
     try:
-        yield
+        yield [
+            "+callbacks.optuna_pruning._target_=vaelab.search.OptunaPruning",
+            f"+callbacks.optuna_pruning.trial={trial.number}",
+            "+callbacks.optuna_pruning.monitor=${optimized_metric}",
+        ]
     finally:
-        _trial = None
+        del _running[trial.number]
 
 
 class OptunaPruning(pl.Callback):
@@ -46,8 +51,10 @@ class OptunaPruning(pl.Callback):
     ``optuna.TrialPruned``, when the study's pruner says the trial falls behind. (The callback
     of optuna-integration is written for the ``lightning`` package, not ``pytorch_lightning``.)"""
 
-    def __init__(self, trial: optuna.Trial, monitor: str) -> None:
-        self.trial = trial
+    def __init__(self, trial: int | optuna.Trial, monitor: str) -> None:
+        if isinstance(trial, int) and trial not in _running:
+            raise RuntimeError(f"callbacks.optuna_pruning reports to trial {trial} of an Optuna search, which does not run in this process.")
+        self.trial = _running[trial] if isinstance(trial, int) else trial
         self.monitor = monitor
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -62,11 +69,6 @@ class OptunaPruning(pl.Callback):
         self.trial.report(value, step=trainer.global_step)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned after {trainer.global_step} steps at {self.monitor}={value:.4g}")
-
-
-def pruning_callback(monitor: str) -> OptunaPruning | None:
-    """The pruning callback of the search trial running in this process, if there is one."""
-    return OptunaPruning(_trial, monitor) if _trial is not None else None
 
 
 def distribution(override: Override) -> optuna.distributions.BaseDistribution | None:
@@ -194,8 +196,9 @@ class OptunaSearch:
         def objective(trial: optuna.Trial) -> float:
             overrides = [*fixed, *(f"{name}={suggest(trial, name, dist)}" for name, dist in space.items())]
             trial.set_user_attr("overrides", overrides)
-            with reporting_to(trial):
-                ret = self.launcher.launch([overrides], initial_job_idx=trial.number)[0]
+            with reporting_to(trial) as pruning:
+                prune = self.in_process and not isinstance(self.pruner, optuna.pruners.NopPruner)
+                ret = self.launcher.launch([overrides + (pruning if prune else [])], initial_job_idx=trial.number)[0]
             if ret.status == JobStatus.COMPLETED and ret.return_value is not None:
                 return float(ret.return_value)  # NaN: Optuna records the trial as failed
             error = ret._return_value if ret.status == JobStatus.FAILED else ValueError(f"the job returned {ret.return_value}")

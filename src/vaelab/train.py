@@ -5,9 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
-import time
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import hydra
@@ -15,17 +13,10 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vaelab.data import ImageDataModule
-from vaelab.lit import LitModel, check_training_data
-from vaelab.models.m1m2 import ACTIVE_SPREAD, M1_SETTINGS, M1M2, active_count, feature_spread
-from vaelab.utils import (
-    CONFIG_DIR,
-    apply_extras,
-    check_checkpoint,
-    instantiate_callbacks,
-    instantiate_loggers,
-    log_hyperparameters,
-)
-from vaelab.utils.checkpoint import settings_from_checkpoint
+from vaelab.lit import LitModel
+from vaelab.objectives import DataFacts
+from vaelab.utils import CONFIG_DIR, apply_extras, instantiate_callbacks, instantiate_loggers, log_hyperparameters
+from vaelab.utils.checkpoints import apply_model_settings, check_checkpoint
 from vaelab.utils.run import AtomicCheckpointIO, restart_checkpoint, run_directory, signal_exit_status
 
 log = logging.getLogger(__name__)
@@ -51,84 +42,15 @@ def resume_path(cfg: DictConfig) -> str | None:
 
 
 def build(cfg: DictConfig, datamodule: ImageDataModule, **options) -> LitModel:
-    """The model of ``cfg.model`` inside the LightningModule of ``cfg.lit``, told the facts of
-    the data it will see (binary pixels, the labeled share); ``options`` go to ``LitModel``."""
+    """The model of ``cfg.model`` inside the LightningModule of ``cfg.lit``, trained by
+    ``cfg.objective`` when the run trains (``cfg.train``), told the facts of the data it will see
+    (binary pixels, the labeled share); ``options`` go to ``LitModel``."""
     model = hydra.utils.instantiate(cfg.model)
-    facts = {"binary": datamodule.binary, "labeled": datamodule.labeled}
-    if datamodule.labeled is not None:
-        facts["train_size"] = datamodule.train_size
-    # built from a partial, so that a wrong setting raises its own message, not Hydra's wrapper
-    return hydra.utils.instantiate(cfg.lit, _partial_=True)(model=model, **facts, **options)
-
-
-def train_m1(cfg: DictConfig) -> str | None:
-    """Stage 1 of M1+M2: M1 (``model.z_dim``, ``net=``, ``likelihood=``, ``posterior=``,
-    ``model.autoregressive``, as ``model=vae`` takes them) trained on every training image for ``model.m1_epochs`` epochs with
-    ``lit.optimizer`` and ``model.m1_lit`` (e.g. ``{kl_warmup_steps: 20000}``), as
-    a run of its own in ``<run>/m1`` (resumed from its last checkpoint if the job restarts);
-    returns that checkpoint."""
-    out = Path(cfg.paths.output_dir) / "m1"
-    last = out / "checkpoints" / "last.ckpt"
-    stage = cfg.copy()
-    with open_dict(stage):
-        stage.model = OmegaConf.create({"_target_": "vaelab.models.VAE", "_convert_": "all"})
-        for key in M1_SETTINGS:
-            stage.model[key] = cfg.model.get(key)
-        stage.lit = OmegaConf.merge({"_target_": cfg.lit._target_, "optimizer": cfg.lit.optimizer}, cfg.model.get("m1_lit") or {})
-        stage.data.labeled = None
-        stage.trainer.max_epochs = cfg.model.m1_epochs
-        stage.paths.output_dir = str(out)
-        stage.optimized_metric, stage.test = None, False
-        stage.ckpt_path = str(last) if last.is_file() else None
-    log.info("M1+M2, stage 1: training M1 for %d epochs in %s", cfg.model.m1_epochs, out)
-    train(stage)
-    if not last.is_file() and cfg.trainer.get("fast_dev_run"):
-        log.warning("fast_dev_run saves no checkpoints: M2 trains on the features of an untrained M1.")
-        return None
-    return str(last)
-
-
-def time_left(max_time: str | dict, spent_s: float) -> str:
-    """``trainer.max_time`` ("DD:HH:MM:SS" or {days, hours, minutes, seconds}) less ``spent_s``
-    seconds, as "DD:HH:MM:SS", at least one second."""
-    if isinstance(max_time, str):
-        days, hours, minutes, seconds = map(int, max_time.split(":"))
-        total = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
-    else:
-        total = timedelta(**max_time)
-    left = int(max(total.total_seconds() - spent_s, 1))
-    return f"{left // 86400:02d}:{left // 3600 % 24:02d}:{left // 60 % 60:02d}:{left % 60:02d}"
-
-
-def prepare_m1(cfg: DictConfig, module: LitModel, datamodule: ImageDataModule) -> LitModel:
-    """Before M2 trains: M1's weights (``model.m1_ckpt``, else stage 1 trains them, and M2 gets
-    what is left of ``trainer.max_time``), and the dimensions of z1 that M2 reads, chosen on the
-    training images: the active ones (``model.features=null``; the module is then rebuilt for
-    their number, which its checkpoints keep) or the given number that vary most."""
-    start = time.monotonic()
-    m1_ckpt = cfg.model.get("m1_ckpt") or train_m1(cfg)
-    if cfg.trainer.get("max_time") and not cfg.model.get("m1_ckpt"):  # one budget for both stages
-        with open_dict(cfg):
-            cfg.trainer.max_time = time_left(cfg.trainer.max_time, time.monotonic() - start)
-    if m1_ckpt:
-        module.model.load_m1(m1_ckpt)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    images, labels = datamodule.train_set.images, datamodule.train_set.labels
-    spread = feature_spread(module.model.m1, datamodule.preprocess((datamodule.prepare_eval_images(images), labels), train=False)[0])
-    if cfg.model.get("features") is None:
-        with open_dict(cfg):
-            cfg.model.features = active_count(spread)
-        m1 = module.model.m1.state_dict()  # the M1 the spread was measured on
-        module = build(cfg, datamodule)
-        module.model.m1.load_state_dict(m1)
-    module.model.keep_active(spread)
-    log.info(
-        "M1+M2: M2 reads %d of z1's %d dimensions; %d have posterior means whose standard deviation over the "
-        "training images exceeds %g (the kept ones: %.3f and more).",
-        cfg.model.features, len(spread), active_count(spread), ACTIVE_SPREAD, float(spread[module.model.kept].min()),
-    )
-    return module
+    # built from partials, so that a wrong setting raises its own message, not Hydra's wrapper
+    objective = hydra.utils.instantiate(cfg.objective, _partial_=True)() if cfg.get("train") else None
+    labeled = datamodule.labeled
+    data = DataFacts(datamodule.binary, labeled, datamodule.train_size if labeled is not None else None)
+    return hydra.utils.instantiate(cfg.lit, _partial_=True)(model=model, objective=objective, data=data, **options)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -149,15 +71,16 @@ def _train(cfg: DictConfig, ckpt_path: str | None) -> dict[str, float]:
             "instead of trainer.gradient_clip_val and trainer.accumulate_grad_batches."
         )
     datamodule: ImageDataModule = hydra.utils.instantiate(cfg.data)
-    if ckpt_path:
-        settings_from_checkpoint(cfg, ckpt_path)
-    model = build(cfg, datamodule)
-    check_training_data(model.model, datamodule.labeled)  # before anything runs
-    if isinstance(model.model, M1M2) and cfg.get("train") and not ckpt_path:
-        model = prepare_m1(cfg, model, datamodule)
-    with open_dict(cfg):  # what the model resolved, so the saved and logged config show it
+    settings = apply_model_settings(cfg, ckpt_path) if ckpt_path else {}
+    model = build(cfg, datamodule, model_settings=settings)  # checks model, objective and data before anything runs
+    if cfg.get("train") and not ckpt_path:
+        for entry in (cfg.get("stages") or {}).values():  # what the model declares it needs first
+            stage = hydra.utils.instantiate(entry, _recursive_=False)
+            model = stage.run(cfg, model, datamodule, train, lambda c, **options: build(c, datamodule, **options))
+    with open_dict(cfg):  # what the objective resolved, so the saved and logged config show it
         cfg.optimized_metric = cfg.get("optimized_metric") or f"val/{model.trained_bound}"
-        cfg.lit.alpha = model.alpha
+        if model.objective is not None:
+            cfg.objective.update({k: v for k, v in model.objective.settings().items() if k in cfg.objective})
     if cfg.get("train") and cfg.optimized_metric.startswith("val/") and datamodule.val_size == 0:
         raise ValueError(
             f"data.val_size=0 leaves no validation set, but optimized_metric={cfg.optimized_metric} (which picks the "
@@ -167,9 +90,6 @@ def _train(cfg: DictConfig, ckpt_path: str | None) -> dict[str, float]:
     if ckpt_path:
         check_checkpoint(ckpt_path, model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    if "vaelab.search" in sys.modules:  # a trial of an Optuna search reports to its study
-        pruning = sys.modules["vaelab.search"].pruning_callback(cfg.optimized_metric)
-        callbacks += [pruning] if pruning else []
     loggers = instantiate_loggers(cfg.get("logger"), resume_from=ckpt_path)
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]

@@ -242,6 +242,14 @@ class ImageDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
 
+    def train_inputs(self) -> torch.Tensor:
+        """Every training image (labeled and unlabeled) as a model input, prepared as evaluation
+        inputs are (no training-time noise)."""
+        self.prepare_data()
+        self.setup("fit")
+        images, labels = self.train_set.images, self.train_set.labels
+        return self.preprocess((self.prepare_eval_images(images), labels), train=False)[0]
+
     def example_batch(self, n: int, split: str = "test") -> Batch:
         """The first ``n`` examples of a split, preprocessed as for evaluation (used for
         reconstruction grids, so the same images are shown every epoch)."""

@@ -24,8 +24,9 @@ import torch
 from torch.distributions import Independent
 
 from vaelab.distributions import Likelihood, diag_gaussian
-from vaelab.elbo import auxiliary_bound, log_importance_weight, unlabeled_bound
-from vaelab.models.base import LatentModel, Terms
+from vaelab.elbo import auxiliary_bound, log_importance_weight
+from vaelab.models.base import Terms
+from vaelab.models.summed import ClassSummed
 from vaelab.nets import Decoder, Encoder, dense, net_options
 from vaelab.nets.networks import at_least_single
 from vaelab.posteriors import Posterior
@@ -43,14 +44,12 @@ def gaussian(params: torch.Tensor) -> Independent:
     return diag_gaussian(mu, logvar.clamp_min(MIN_LOG_VAR))
 
 
-class ADGM(LatentModel):
+class ADGM(ClassSummed):
     """The ADGM; ``SDGM`` is the same model with ``skip``. Every network is built from ``net``
     (its image input or output and dense layers; a, z and y enter the first dense layer);
     ``samples`` draws of a per example enter the bounds and the training classifier,
     ``classify_samples`` the classifier outside training; ``posterior`` must be Gaussian."""
 
-    has_classifier = True
-    config_name = "adgm"
     skip = False
 
     def __init__(
@@ -65,18 +64,16 @@ class ADGM(LatentModel):
         classify_samples: int = 10,
         posterior: str | Mapping | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(num_classes)
         kind = Posterior.from_spec(posterior, z_dim).type
         if kind != "gaussian":
-            raise ValueError(f"The {self.config_name.upper()} takes the Gaussian q(z|a,x,y) (posterior=gaussian); posterior={kind} is for the VAE and CVAE.")
+            raise ValueError(f"The {type(self).__name__} takes the Gaussian q(z|a,x,y) (posterior=gaussian); posterior={kind} is for the VAE and CVAE.")
         for name, value in {"z_dim": z_dim, "a_dim": a_dim, "samples": samples, "classify_samples": classify_samples}.items():
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"model.{name} must be a positive integer, got {value}.")
-        self.input_shape, self.num_classes, self.z_dim, self.a_dim = tuple(input_shape), num_classes, z_dim, a_dim
+        self.input_shape, self.z_dim, self.a_dim = tuple(input_shape), z_dim, a_dim
         self.samples, self.classify_samples = samples, classify_samples
         self.likelihood = Likelihood.from_spec(likelihood)
-        self.rows_per_sample = num_classes  # log_weights decodes every class
-        self.log_py = -math.log(num_classes)  # p(y) = Cat(uniform)
         channels, *size = self.input_shape
         decoder_shape = (self.likelihood.params_per_channel * channels, *size)
         self.qa = Encoder(net, self.input_shape, 2 * a_dim)
@@ -138,12 +135,11 @@ class ADGM(LatentModel):
         a = a.expand(*z.shape[:-1], -1)
         return auxiliary_bound(x, self.observation(a, z, y), qz, self.log_py, self.prior_a(x, z, y).log_prob(a), qa.log_prob(a))
 
-    def every_class(self, x: torch.Tensor, a: torch.Tensor) -> tuple[Independent, torch.Tensor]:
+    def every_class_at(self, x: torch.Tensor, a: torch.Tensor) -> tuple[Independent, torch.Tensor]:
         """q(z|a,x,y) for all K classes at draws a (S, B, a_dim): batch shape (K, S, B), and
         the classes (K, S, B)."""
         qz = gaussian(self.qz.all_classes(x, more=(a,)))
-        classes = torch.arange(self.num_classes, device=x.device).view(-1, 1, 1).expand(qz.batch_shape)
-        return qz, classes
+        return qz, self.every_class(qz.batch_shape, x.device)
 
     def bound(self, x: torch.Tensor, y: torch.Tensor | None = None, qy_logits: torch.Tensor | None = None) -> Terms:
         """With labels, L(x,y) = E_q(a|x) q(z|a,x,y)[log p(x,y,a,z) - log q(a|x) - log q(z|a,x,y)];
@@ -154,29 +150,24 @@ class ADGM(LatentModel):
         a = qa.rsample((self.samples,))  # (S, B, a_dim)
         if y is not None:
             y = y.expand(self.samples, -1)
-            terms = self._bound_terms(x, qa, a, y, gaussian(self.qz(x, y, more=(a,))))
+            terms = Terms.from_dict(self._bound_terms(x, qa, a, y, gaussian(self.qz(x, y, more=(a,)))))
         else:
-            qz, classes = self.every_class(x, a)
-            per_class = self._bound_terms(x, qa, a, classes, qz)  # each (K, S, B)
-            terms = unlabeled_bound({name: value.flatten(1) for name, value in per_class.items()}, self.classify_at(x, a).flatten(0, 1))
-        terms = {name: value.view(self.samples, -1).mean(0) for name, value in terms.items()}
-        return Terms(terms.pop("elbo"), terms.pop("recon"), terms.pop("kl"), extras=terms)
+            qz, classes = self.every_class_at(x, a)
+            terms = self.sum_classes(self._bound_terms(x, qa, a, classes, qz), self.classify_at(x, a))  # (S, B) each
+        return Terms.from_dict({name: value.mean(0) for name, value in terms.as_dict().items()}, terms.name)
 
-    def log_weights(self, x: torch.Tensor, y: torch.Tensor | None, k: int, dreg: bool = False) -> torch.Tensor:
-        """log w_i = log sum_y p(x, y, a_i, z_iy) / (q(a_i|x) q(z_iy|a_i,x,y)) for k draws
-        a_i ~ q(a|x) and z_iy ~ q(z|a_i,x,y) for every class: (k, B) importance weights whose
-        mean estimates p(x) = sum_y of the integral of p(x,y,a,z) over a and z, so the
-        importance-weighted bound bounds log p(x). ``y`` (labels) is not used; ``dreg`` is not defined for these weights."""
-        if dreg:
-            raise ValueError(f"{type(self).__name__}'s importance weights sum over the classes: the DReG estimator is not defined for them.")
+    def class_log_weights(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """log p(x, y, a_i, z_iy) - log p(y) - log q(a_i|x) - log q(z_iy|a_i,x,y) for k draws
+        a_i ~ q(a|x) and z_iy ~ q(z|a_i,x,y) for every class, (k, K, B): summed over y they
+        estimate p(x) = sum_y of the integral of p(x,y,a,z) over a and z."""
         qa = self.posterior_a(x)
         a = qa.rsample((k,))
-        qz, classes = self.every_class(x, a)
+        qz, classes = self.every_class_at(x, a)
         z = qz.rsample()
         a = a.expand(self.num_classes, -1, -1, -1)
         log_w = log_importance_weight(x, self.observation(a, z, classes), qz, z)
-        log_w = log_w + self.prior_a(x, z, classes).log_prob(a) - qa.log_prob(a) + self.log_py
-        return torch.logsumexp(log_w, dim=0)
+        log_w = log_w + self.prior_a(x, z, classes).log_prob(a) - qa.log_prob(a)
+        return log_w.transpose(0, 1)
 
     @torch.no_grad()
     def sample(self, n: int, y: int | torch.Tensor | None = None) -> torch.Tensor:
@@ -195,5 +186,4 @@ class ADGM(LatentModel):
 class SDGM(ADGM):
     """The skip deep generative model: ``ADGM`` with p(a|y,z) p(x|a,y,z)."""
 
-    config_name = "sdgm"
     skip = True

@@ -12,17 +12,16 @@ Only the dimensions of z1 whose posterior means vary over the training images ar
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 
 from vaelab.elbo import stacked_bound
-from vaelab.models.base import LatentModel, Terms
+from vaelab.models.base import Terms
 from vaelab.models.m2 import M2
+from vaelab.models.summed import ClassSummed
 from vaelab.models.vae import VAE
 from vaelab.nets import net_options
 from vaelab.posteriors import posterior_point
-from vaelab.utils.checkpoint import state_mismatch
 
 # the settings of M1, a VAE (``model=vae``'s names), that M1+M2 takes beside M2's
 M1_SETTINGS = ("input_shape", "z_dim", "net", "likelihood", "posterior", "autoregressive")
@@ -48,17 +47,13 @@ def active_count(spread: torch.Tensor) -> int:
     return max(int((spread > ACTIVE_SPREAD).sum()), 1)
 
 
-class M1M2(LatentModel):
+class M1M2(ClassSummed):
     """M1 is a ``VAE`` of the images built from ``z_dim`` (z1), ``net``, ``likelihood``,
     ``posterior`` and ``autoregressive``, as ``model=vae`` takes them; ``m2`` holds M2's settings (``z_dim``, ``net``,
-    ``likelihood``, ``classifier_net``), M2 reading ``features`` dimensions of z1 (null: all; a
-    run with ``model.features=null`` keeps the active ones, ``vaelab.train.prepare_m1``).
-    ``m1_ckpt`` (a trained ``model=vae`` run with the same M1 settings), ``m1_epochs`` and
-    ``m1_lit`` (stage 1's training settings beside ``lit.optimizer``) are read by train.py, which trains or loads M1 before M2 trains (``vaelab.train.prepare_m1``); the
-    model's own checkpoints hold M1's weights, so evaluation needs neither."""
-
-    has_classifier = True
-    config_name = "m1m2"
+    ``likelihood``, ``classifier_net``), M2 reading ``features`` dimensions of z1 (null: all).
+    M1 is trained (or loaded) before M2 by the stage that ``model=m1m2`` declares
+    (``vaelab.stages.PretrainM1``, which also chooses ``features`` and the kept dimensions); the
+    model's own checkpoints hold M1's weights, so evaluation needs no stage."""
 
     def __init__(
         self,
@@ -70,12 +65,9 @@ class M1M2(LatentModel):
         posterior: str | Mapping | None = None,
         m2: Mapping | None = None,
         features: int | None = None,
-        m1_ckpt: str | None = None,
-        m1_epochs: int = 50,
-        m1_lit: Mapping | None = None,
         autoregressive: Sequence[int] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(num_classes)
         self.m1 = VAE(input_shape, z_dim, None, net, likelihood, posterior, autoregressive)
         self.m1.requires_grad_(False)
         n = z_dim if features is None else features
@@ -92,30 +84,14 @@ class M1M2(LatentModel):
         if not self.m2.likelihood.continuous:
             raise ValueError(f"M1+M2's M2 models real-valued features: model.m2.likelihood must be normal, not {self.m2.likelihood.type}.")
         self.register_buffer("kept", torch.arange(n))  # the dimensions of z1 that M2 reads
-        self.input_shape, self.z_dim, self.num_classes = self.m1.input_shape, self.m2.z_dim, num_classes
+        self.input_shape, self.z_dim = self.m1.input_shape, self.m2.z_dim
         self.likelihood = self.m1.likelihood  # of the images
-        self.rows_per_sample = num_classes
-        self.m1_ckpt, self.m1_epochs, self.m1_lit = m1_ckpt, m1_epochs, dict(m1_lit or {})
 
     @property
     def likelihood_description(self) -> str:
         return self.m1.likelihood_description
 
     # -- M1 -------------------------------------------------------------------------------
-    def load_m1(self, path: str | Path) -> None:
-        """M1's weights from the checkpoint of a ``model=vae`` run with this model's M1 settings."""
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"model.m1_ckpt={path} does not exist; give a model=vae checkpoint, or null to train M1 first.")
-        state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
-        weights = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
-        details = state_mismatch(weights, self.m1.state_dict())
-        if details:
-            raise ValueError(
-                f"model.m1_ckpt={path} does not hold the M1 that model.z_dim, net= and likelihood= describe ({details}): "
-                "train M1 with the same settings, or set model.m1_ckpt=null."
-            )
-        self.m1.load_state_dict(weights)
-
     def keep_active(self, spread: torch.Tensor) -> None:
         """Keep the ``features`` dimensions of z1 with the largest ``spread`` (``feature_spread``)."""
         self.kept.copy_(spread.argsort(descending=True)[: len(self.kept)].sort().values)
@@ -159,19 +135,19 @@ class M1M2(LatentModel):
     def bound(self, x: torch.Tensor, y: torch.Tensor | None = None, qy_logits: torch.Tensor | None = None) -> Terms:
         """The stacked bound on log p(x) (``vaelab.elbo.stacked_bound``) at one z1 ~ q(z1|x), with
         M2's L(h,y) when y is given and U(h) otherwise; q(y|h) is computed on the same features
-        (``qy_logits``, computed by the caller on other draws of h, is not used)."""
+        (``qy_logits``, computed by the caller on other draws of h, is not used). ``kl`` is the
+        KL of z2, M2's latent; ``kl_z1`` = log q(z1|x) - log p(z1) with M2's bound in place of
+        log p(h), an upper estimate of z1's KL, so that elbo = recon - kl_z1."""
         qz1, z1, px = self._m1_draws(x)
         top = self.m2.bound(self._features(z1), y)
         terms = stacked_bound(x, px, qz1, z1, self.kept, top.elbo)
-        return Terms(terms["elbo"], terms["recon"], terms["kl"], extras=top.extras)
+        return Terms(terms["elbo"], terms["recon"], top.kl, extras={"kl_z1": terms["kl"], **top.extras}, name=self.bound_name)
 
     def log_weights(self, x: torch.Tensor, y: torch.Tensor | None, k: int, dreg: bool = False) -> torch.Tensor:
         """log w_i = log p(x|z1_i) + log w_M2(h_i) + log N(z1_i[rest]) - log q(z1_i|x), z1_i ~ q(z1|x),
         with M2's class-summed importance weight of h_i = z1_i[kept]: (k, B), a bound on log p(x)."""
-        if dreg:
-            raise ValueError("M1+M2's importance weights sum over the classes: the DReG estimator is not defined for them.")
         qz1, z1, px = self._m1_draws(x, torch.Size([k]))
-        top = self.m2.log_weights(self._features(z1).flatten(0, 1), None, 1).view(k, -1)
+        top = self.m2.log_weights(self._features(z1).flatten(0, 1), None, 1, dreg=dreg).view(k, -1)
         return stacked_bound(x, px, qz1, z1, self.kept, top)["elbo"]
 
     @torch.no_grad()

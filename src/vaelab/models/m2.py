@@ -9,23 +9,21 @@ and q(y|x), and sums y out where labels are missing.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from vaelab.elbo import labeled_bound, log_importance_weight, unlabeled_bound
-from vaelab.models.base import LatentModel, Terms
+from vaelab.elbo import labeled_bound, log_importance_weight
+from vaelab.models.base import Terms
+from vaelab.models.summed import ClassSummed
 from vaelab.models.vae import VAE
 from vaelab.nets import Encoder
 
 
-class M2(LatentModel):
+class M2(ClassSummed):
     """``bound(x, y)`` is the labeled bound L(x,y), ``bound(x)`` the unlabeled one U(x) (eq. 7
     of the paper); ``classify(x)`` gives the logits of q(y|x). ``net`` builds q(z|x,y) and
     p(x|y,z), ``classifier_net`` q(y|x) (default: ``net``)."""
-
-    has_classifier = True
 
     def __init__(
         self,
@@ -37,16 +35,14 @@ class M2(LatentModel):
         classifier_net: Mapping | None = None,
         posterior: str | Mapping | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(num_classes)
         self.vae = VAE(input_shape, z_dim, num_classes, net, likelihood, posterior)
         if not self.vae.posterior.is_gaussian:
             raise ValueError(
                 f"M2 takes the Gaussian q(z|x,y) (posterior=gaussian); posterior={self.vae.posterior.type} is for the VAE and CVAE."
             )
-        self.input_shape, self.z_dim, self.num_classes = self.vae.input_shape, z_dim, num_classes
+        self.input_shape, self.z_dim = self.vae.input_shape, z_dim
         self.likelihood = self.vae.likelihood
-        self.rows_per_sample = num_classes  # log_weights decodes every class
-        self.log_py = -math.log(num_classes)  # p(y) = Cat(uniform)
         self.classifier = Encoder(classifier_net or net, self.input_shape, num_classes)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,35 +59,22 @@ class M2(LatentModel):
             y = torch.randint(self.num_classes, z.shape[:-1], device=z.device)
         return self.vae.decode(z, y)
 
-    def every_class(self, x: torch.Tensor):
-        """q(z|x,y) for all K classes at once, batch shape (K, B), and the classes y (K, B)."""
-        qz = self.vae.encode_all_classes(x)
-        classes = torch.arange(self.num_classes, device=x.device).view(-1, 1).expand(qz.batch_shape)
-        return qz, classes
-
     def bound(self, x: torch.Tensor, y: torch.Tensor | None = None, qy_logits: torch.Tensor | None = None) -> Terms:
         """With labels, L(x,y) = E_q(z|x,y)[log p(x|y,z) + log p(y) + log p(z) - log q(z|x,y)];
         without, U(x) = sum_y q(y|x) L(x,y) + H(q(y|x)) over every class in one batched pass
         (``qy_logits``: q(y|x) when the caller computed it already)."""
         if y is not None:
             qz = self.vae.encode(x, y)
-            return Terms(**labeled_bound(x, self.vae.decode(qz.rsample(), y), qz, self.log_py))
-        qz, classes = self.every_class(x)
-        per_class = labeled_bound(x, self.vae.decode(qz.rsample(), classes), qz, self.log_py)  # x broadcasts over K
-        terms = unlabeled_bound(per_class, self.classify(x) if qy_logits is None else qy_logits)
-        return Terms(terms.pop("elbo"), terms.pop("recon"), terms.pop("kl"), extras=terms)
+            return Terms.from_dict(labeled_bound(x, self.vae.decode(qz.rsample(), y), qz, self.log_py))
+        qz = self.vae.encode_all_classes(x)  # batch shape (K, B)
+        per_class = labeled_bound(x, self.vae.decode(qz.rsample(), self.every_class(qz.batch_shape, x.device)), qz, self.log_py)
+        return self.sum_classes(per_class, self.classify(x) if qy_logits is None else qy_logits)
 
-    def log_weights(self, x: torch.Tensor, y: torch.Tensor | None, k: int, dreg: bool = False) -> torch.Tensor:
-        """log w_i = log sum_y p(y) p(x, z_iy | y) / q(z_iy | x, y), z_iy ~ q(z|x,y) for every
-        class: k importance weights (k, B) whose mean estimates p(x) with y summed out exactly,
-        so the importance-weighted bound bounds log p(x). ``y`` (labels) is not used; ``dreg`` is
-        not defined for these class-summed weights."""
-        if dreg:
-            raise ValueError("M2's importance weights sum over the classes: the DReG estimator is not defined for them.")
-        qz, classes = self.every_class(x)
+    def class_log_weights(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """log p(x, z_iy | y) - log q(z_iy | x, y) for z_iy ~ q(z|x,y), every class: (k, K, B)."""
+        qz = self.vae.encode_all_classes(x)
         z = qz.rsample((k,))  # (k, K, B, z)
-        per_class = log_importance_weight(x, self.vae.decode(z, classes.expand(k, -1, -1)), qz, z)
-        return torch.logsumexp(per_class + self.log_py, dim=1)
+        return log_importance_weight(x, self.vae.decode(z, self.every_class(qz.batch_shape, x.device).expand(k, -1, -1)), qz, z)
 
     @torch.no_grad()
     def sample(self, n: int, y: int | torch.Tensor | None = None) -> torch.Tensor:

@@ -88,11 +88,17 @@ class VAE(LatentModel):
             return self.likelihood(out)
         return AutoregressiveBernoulli(out, lambda x: at_least_single(self.made(x.flatten(-3), z)).unflatten(-1, out.shape[-3:]))
 
-    def bound(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Terms:
-        """ELBO  L(x[,y]) = E_q(z|x[,y])[log p(x|z[,y])] - KL(q(z|x[,y]) || p(z)), one sample of z."""
+    @property
+    def supports_dreg(self) -> bool:
+        """DReG stops q(z|x)'s parameters in its density, which the Gaussian posterior has."""
+        return self.posterior.is_gaussian
+
+    def bound(self, x: torch.Tensor, y: torch.Tensor | None = None, qy_logits: torch.Tensor | None = None) -> Terms:
+        """ELBO  L(x[,y]) = E_q(z|x[,y])[log p(x|z[,y])] - KL(q(z|x[,y]) || p(z)), one sample of z
+        (``qy_logits`` is not used: the class, where there is one, is given)."""
         qz = self.encode(x, y)
         z = qz.rsample()
-        return Terms(**elbo_terms(x, self.decode(z, y), qz, z), given_y=self.num_classes is not None)
+        return Terms.from_dict(elbo_terms(x, self.decode(z, y), qz, z), self.bound_name)
 
     def log_weights(self, x: torch.Tensor, y: torch.Tensor | None, k: int, dreg: bool = False) -> torch.Tensor:
         """log p(x, z_i [| y]) - log q(z_i | x [, y]) for k draws z_i ~ q(z|x[,y]), shape (k, B);

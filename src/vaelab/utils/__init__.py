@@ -1,6 +1,6 @@
-"""Helpers for the entry points: config paths and printing, instantiation, W&B mode."""
+"""Helpers for the entry points: config paths and printing, instantiation, W&B mode; run
+directories and atomic files (``run``); checkpoint reading (``checkpoints``)."""
 
-from vaelab.utils.checkpoint import check_checkpoint, restore_run_config
 from vaelab.utils.config import CONFIG_DIR, apply_extras, print_config_tree
 from vaelab.utils.instantiate import instantiate_callbacks, instantiate_loggers, log_hyperparameters
 from vaelab.utils.wandb import resolve_wandb_mode
@@ -8,11 +8,9 @@ from vaelab.utils.wandb import resolve_wandb_mode
 __all__ = [
     "CONFIG_DIR",
     "apply_extras",
-    "check_checkpoint",
     "instantiate_callbacks",
     "instantiate_loggers",
     "log_hyperparameters",
     "print_config_tree",
     "resolve_wandb_mode",
-    "restore_run_config",
 ]

@@ -1,0 +1,9 @@
+"""What the Lightning module does around each step, each in a small home of its own: the
+finiteness guard, when the optimizer steps (accumulation, clipping) and the learning-rate
+schedule."""
+
+from vaelab.training.guard import FinitenessGuard
+from vaelab.training.schedule import LRSchedule, budget_spent
+from vaelab.training.stepping import Stepping
+
+__all__ = ["FinitenessGuard", "LRSchedule", "Stepping", "budget_spent"]
