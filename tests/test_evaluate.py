@@ -15,7 +15,8 @@ from PIL import Image
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 import vaelab.evaluate as evaluate_module
-from vaelab.classifier import ImageClassifier, build_classifier, load_classifier, real_image_data, sample_accuracy
+import vaelab.classifier as classifier_module
+from vaelab.classifier import ImageClassifier, build_classifier, classifier_file, load_classifier, real_image_data, sample_accuracy
 from vaelab.data import MNISTDataModule
 from vaelab.evaluate import classifier_path
 from vaelab.iwae import Interrupted, importance_weighted, passes
@@ -150,9 +151,10 @@ def test_sample_accuracy_scores_class_conditional_images(mnist_dir, tmp_path):
     grey = real_image_data(compose_config("evaluate", [f"paths.data_dir={mnist_dir}", "ckpt_path=x"]).data)
     assert grey.binary is False and grey.labeled is None
     torch.manual_seed(0)
-    classifier, accuracy = build_classifier(grey, tmp_path / "mnist.pt", epochs=1, limit_train_batches=150)
-    assert isinstance(classifier, ImageClassifier) and (tmp_path / "mnist.pt").is_file()
-    cached, cached_accuracy = load_classifier(tmp_path / "mnist.pt", grey)  # read back, not trained again
+    path = classifier_file(tmp_path, grey, epochs=1)
+    classifier, accuracy = build_classifier(grey, path, epochs=1, limit_train_batches=150)
+    assert isinstance(classifier, ImageClassifier) and path.is_file()
+    cached, cached_accuracy = load_classifier(path, grey, epochs=1, min_acc=0.9)  # read back, not trained again
     assert cached_accuracy == pytest.approx(accuracy) and accuracy > 0.9
     torch.testing.assert_close(cached.state_dict(), classifier.state_dict())
     grey.setup()
@@ -199,6 +201,8 @@ def test_evaluate_restores_the_run_and_writes_metrics_and_figures(model, figures
         assert metrics["test/acc"] == pytest.approx(float(confusion.trace()) / 1000)  # its diagonal share
         shares = report["sample_acc_per_class"]
         assert len(shares) == 10 and metrics["test/sample_acc"] == pytest.approx(sum(shares) / 10)
+        assert metrics["test/sample_classifier_acc"] == report["classifier"]["test_acc_on_real_images"] >= 0.8
+        assert report["classifier"]["path"].startswith(f"{tmp_path}/clf/mnist-")
         assert all(share * 50 == pytest.approx(round(share * 50)) for share in shares)  # of 50 samples a class
     elif "model.z_dim=2" in model:
         assert Image.open(tmp_path / "eval" / "figures" / "manifold.png").size == (20 * 30 + 2, 20 * 30 + 2)
@@ -226,19 +230,25 @@ def test_classifier_command_builds_the_cache(mnist_dir, tmp_path):
     result = run_script("-m", "vaelab.classifier", f"paths.data_dir={mnist_dir}", f"classifier_dir={tmp_path}", "epochs=1",
                         f"hydra.run.dir={tmp_path}/run")
     assert result.returncode == 0, result.stderr[-3000:]
-    _, accuracy = load_classifier(tmp_path / "mnist.pt", None)
+    datamodule = real_image_data(compose_config("classifier", [f"paths.data_dir={mnist_dir}"]).data)
+    path = classifier_file(tmp_path, datamodule, epochs=1)
+    assert [p.name for p in tmp_path.glob("*.pt")] == [path.name]
+    _, accuracy = load_classifier(path, None, min_acc=0.9)  # read back, not built again
     assert accuracy > 0.9
 
 
 def test_an_unwritable_classifier_cache_falls_back_to_the_run_directory(quick_overrides, tmp_path, caplog):
     (tmp_path / "a_file").write_text("")
     cfg = compose_config("evaluate", [*quick_overrides, f"eval.classifier_dir={tmp_path}/a_file/classifiers"])
+    datamodule = MNISTDataModule(data_dir=cfg.paths.data_dir)
+    name = classifier_file(tmp_path, datamodule, cfg.eval.classifier_epochs).name
+    assert name.startswith("mnist-") and name.endswith(".pt")
     with caplog.at_level("WARNING"):
-        path = classifier_path(cfg, MNISTDataModule(data_dir=cfg.paths.data_dir))
-    assert path == tmp_path / "classifiers" / "mnist.pt"
+        path = classifier_path(cfg, datamodule)
+    assert path == tmp_path / "classifiers" / name
     assert "cannot be written; caching the classifier at" in caplog.text
     cfg = compose_config("evaluate", [*quick_overrides, f"eval.classifier_dir={tmp_path}/cache"])
-    assert classifier_path(cfg, MNISTDataModule(data_dir=cfg.paths.data_dir)) == tmp_path / "cache" / "mnist.pt"
+    assert classifier_path(cfg, datamodule) == tmp_path / "cache" / name
 
 
 def test_metrics_are_written_before_the_optional_extras(quick_overrides, tmp_path, monkeypatch):
@@ -257,3 +267,118 @@ def test_metrics_are_written_before_the_optional_extras(quick_overrides, tmp_pat
         evaluate_module.evaluate(cfg)
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert math.isfinite(report["metrics"]["test/elbo_given_y"])
+
+
+# -- the sample-quality classifier's cache ------------------------------------------------------
+
+def saved_classifier(path, accuracy: float) -> ImageClassifier:
+    """A classifier cached at ``path`` as ``build_classifier`` writes it, claiming ``accuracy``."""
+    model = ImageClassifier((1, 28, 28), 10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "test_acc": accuracy}, path)
+    return model
+
+
+class Builds(list):
+    """The calls (path, epochs) of a stand-in ``build_classifier``; the i-th writes a classifier
+    whose accuracy is ``accuracies[i]``."""
+
+    accuracies: list[float] = []
+
+
+@pytest.fixture
+def builds(monkeypatch) -> Builds:
+    calls = Builds()
+
+    def build(datamodule, path, epochs=3, limit_train_batches=None):
+        accuracy = calls.accuracies[len(calls)]
+        calls.append((path, epochs))
+        return saved_classifier(path, accuracy).eval(), accuracy
+
+    monkeypatch.setattr(classifier_module, "build_classifier", build)
+    return calls
+
+
+@pytest.mark.parametrize("cached, min_acc", [(0.3, 0.8), (0.97, 0.98), (None, 0.8)], ids=["weak", "just_under", "missing"])
+def test_a_cached_classifier_under_the_floor_is_built_again(cached, min_acc, builds, tmp_path):
+    path = tmp_path / "mnist-key.pt"
+    if cached is not None:
+        saved_classifier(path, cached)
+    builds.accuracies = [0.99]
+    model, accuracy = load_classifier(path, "datamodule", epochs=2, min_acc=min_acc)
+    assert isinstance(model, ImageClassifier) and accuracy == 0.99
+    assert builds == [(path, 2)]
+    assert load_classifier(path, "datamodule", epochs=2, min_acc=min_acc)[1] == 0.99
+    assert len(builds) == 1  # now good enough: read back
+
+
+@pytest.mark.parametrize("cached, min_acc", [(0.8, 0.8), (0.95, 0.5)])
+def test_a_cached_classifier_at_or_over_the_floor_is_used(cached, min_acc, builds, tmp_path):
+    path = tmp_path / "mnist-key.pt"
+    saved = saved_classifier(path, cached)
+    model, accuracy = load_classifier(path, "datamodule", epochs=2, min_acc=min_acc)
+    assert accuracy == cached and builds == []
+    torch.testing.assert_close(model.state_dict(), saved.state_dict())
+
+
+@pytest.mark.parametrize("cached", [0.3, None], ids=["weak", "missing"])
+@pytest.mark.parametrize("min_acc, rebuilt", [(0.8, 0.6), (0.99, 0.985)])
+def test_a_classifier_still_under_the_floor_is_refused(cached, min_acc, rebuilt, builds, tmp_path):
+    path = tmp_path / "mnist-key.pt"
+    if cached is not None:
+        saved_classifier(path, cached)
+    builds.accuracies = [rebuilt]
+    with pytest.raises(ValueError, match=rf"reaches {100 * rebuilt:.2f} % on real test images, under "
+                                         rf"eval.classifier_min_acc={min_acc:g}: .*eval.classifier_epochs, now 4"):
+        load_classifier(path, "datamodule", epochs=4, min_acc=min_acc)
+    assert len(builds) == 1
+
+
+def test_the_classifier_cache_key_covers_what_built_it(mnist_dir, tmp_path):
+    def mnist(**options):
+        return MNISTDataModule(data_dir=str(mnist_dir), **options)
+
+    path = classifier_file(tmp_path, mnist(), 5)
+    assert path.parent == tmp_path and path.name.startswith("mnist-") and path.suffix == ".pt"
+    assert classifier_file(tmp_path, mnist(batch_size=7), 5) == path  # the same recipe, the same file
+    others = [classifier_file(tmp_path, mnist(), 1), classifier_file(tmp_path, mnist(), 6),
+              classifier_file(tmp_path, mnist(val_size=5000), 5), classifier_file(tmp_path, mnist(split_seed=1), 5)]
+    svhn = real_image_data(compose_config("evaluate", [f"paths.data_dir={tmp_path}", "ckpt_path=x", "data=svhn"]).data)
+    others.append(classifier_file(tmp_path, svhn, 5))
+    assert others[-1].name.startswith("svhn-")
+    assert len({path, *others}) == 1 + len(others)
+
+
+def train_cvae(quick_overrides, tmp_path):
+    run = [o for o in quick_overrides if not o.startswith("paths.output_dir")]
+    limits = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false"]
+    train(compose_config("train", [*run, "model=cvae", *limits, f"paths.output_dir={tmp_path}/run"]))
+    return [*run, "model=cvae", f"ckpt_path={tmp_path}/run/checkpoints/last.ckpt", "trainer.limit_test_batches=1",
+            "eval.iwae_k=0", "eval.samples_per_class=20", "eval.n_latent=100", "eval.n_examples=8",
+            f"eval.classifier_dir={tmp_path}/clf", "eval.classifier_epochs=2", f"paths.output_dir={tmp_path}/eval"]
+
+
+def test_metrics_hold_the_classifier_accuracy_beside_the_sample_accuracy(quick_overrides, tmp_path, builds):
+    overrides = train_cvae(quick_overrides, tmp_path)
+    builds.accuracies = [0.5, 0.91]
+    saved_classifier(tmp_path / "clf" / "mnist-old.pt", 0.99)  # another recipe's: not this one
+    metrics = evaluate_module.evaluate(compose_config("evaluate", [*overrides, "eval.classifier_min_acc=0.4"]))
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    path = builds[0][0]
+    assert builds == [(path, 2)] and path.parent == tmp_path / "clf" and path.name != "mnist-old.pt"
+    assert metrics["test/sample_classifier_acc"] == report["metrics"]["test/sample_classifier_acc"] == 0.5
+    assert 0 <= report["metrics"]["test/sample_acc"] <= 1 and len(report["sample_acc_per_class"]) == 10
+    assert report["classifier"] == {"path": str(path), "test_acc_on_real_images": 0.5}
+    # a higher floor: the cached one is built again
+    (tmp_path / "eval").rename(tmp_path / "eval-1")
+    metrics = evaluate_module.evaluate(compose_config("evaluate", [*overrides, "eval.classifier_min_acc=0.9"]))
+    assert builds == [(path, 2)] * 2 and metrics["test/sample_classifier_acc"] == 0.91
+
+
+def test_evaluation_with_a_weak_classifier_is_refused_after_the_test_metrics(quick_overrides, tmp_path, builds):
+    overrides = train_cvae(quick_overrides, tmp_path)
+    builds.accuracies = [0.5]
+    with pytest.raises(ValueError, match=r"under eval.classifier_min_acc=0.8: its scores would say nothing"):
+        evaluate_module.evaluate(compose_config("evaluate", overrides))
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    assert math.isfinite(metrics["test/elbo_given_y"]) and "test/sample_acc" not in metrics

@@ -24,7 +24,7 @@ from vaelab.models.m1m2 import active_count, feature_spread
 from vaelab.objectives import ELBO
 from vaelab.stages import PretrainM1, Stage, time_left
 from vaelab.train import train
-from vaelab.utils.checkpoints import apply_model_settings, load_part, state_mismatch
+from vaelab.utils.checkpoints import complete_model_config, load_part, state_mismatch
 from conftest import compose_config, run_script
 
 NET = {"type": "mlp", "hidden": [16]}
@@ -140,20 +140,21 @@ def test_m1_checkpoints_are_checked_before_they_load(tmp_path):
     torch.testing.assert_close(other.state_dict(), tiny().m1.state_dict())
 
 
-def test_a_checkpoint_gives_the_model_settings_its_run_chose(tmp_path):
-    """The number of features a run chose is kept in its checkpoint's hyperparameters and set in
-    the config that rebuilds the model; checkpoints without settings, or unreadable ones (left to
-    check_checkpoint), change nothing."""
-    torch.save({"state_dict": {}, "hyper_parameters": {"model_settings": {"features": 7}}}, tmp_path / "run.ckpt")
-    for configured in (None, 3):
+def test_a_checkpoint_gives_the_model_config_its_run_chose(tmp_path):
+    """The number of features a run chose is kept in its checkpoint's model config and set in the
+    config that rebuilds the model where that leaves it open (null); a configured value is kept
+    (resume_model_config refuses the difference), and checkpoints without a model config, or
+    unreadable ones (left to check_checkpoint), change nothing."""
+    torch.save({"state_dict": {}, "hyper_parameters": {"model_config": {"features": 7, "z_dim": 40}}}, tmp_path / "run.ckpt")
+    for configured, expected in ((None, 7), (3, 3)):
         cfg = OmegaConf.create({"model": {"features": configured, "z_dim": 50}})
-        apply_model_settings(cfg, str(tmp_path / "run.ckpt"))
-        assert cfg.model.features == 7 and cfg.model.z_dim == 50
-    torch.save({"state_dict": {}, "hyper_parameters": {"model_settings": {}}}, tmp_path / "vae.ckpt")
+        assert complete_model_config(cfg, str(tmp_path / "run.ckpt")) == {"features": 7, "z_dim": 40}
+        assert cfg.model.features == expected and cfg.model.z_dim == 50
+    torch.save({"state_dict": {}, "hyper_parameters": {}}, tmp_path / "vae.ckpt")
     (tmp_path / "notes.ckpt").write_text("not a checkpoint")
     for path in ("vae.ckpt", "notes.ckpt", "absent.ckpt"):
         cfg = OmegaConf.create({"model": {"features": None}})
-        apply_model_settings(cfg, str(tmp_path / path))
+        complete_model_config(cfg, str(tmp_path / path))
         assert cfg.model.features is None
 
 
@@ -224,7 +225,7 @@ def fake_data(n: int = 200) -> SimpleNamespace:
 def test_the_stage_trains_m1_then_chooses_the_active_features_and_rebuilds_the_module(m1m2_config, tmp_path):
     """PretrainM1.run: stage 1 as a training run of its own into <run>/m1, its weights loaded into
     M1, the active dimensions of z1 chosen on the training images, the module rebuilt for their
-    number (kept in its checkpoints' model_settings) and M2 left what remains of trainer.max_time."""
+    number (kept in its checkpoints' model_config) and M2 left what remains of trainer.max_time."""
     cfg, data = m1m2_config, fake_data()
     build = lambda c, **options: vaelab.train.build(c, data, **options)  # noqa: E731
     runs, trained = [], {}
@@ -245,7 +246,7 @@ def test_the_stage_trains_m1_then_chooses_the_active_features_and_rebuilds_the_m
     (m1_run,) = runs
     assert m1_run.paths.output_dir == str(tmp_path / "m1") and m1_run.trainer.max_epochs == 2
     assert chosen is not module and isinstance(chosen, LitModel)
-    assert cfg.model.features == 2 and chosen.hparams.model_settings == {"features": 2}
+    assert cfg.model.features == 2 and chosen.hparams.model_config["features"] == 2
     assert chosen.model.kept.tolist() == [0, 1] and chosen.model.m2.input_shape == (2, 1, 1)
     torch.testing.assert_close(chosen.model.m1.state_dict(), trained["m1"].state_dict())
     left = sum(int(v) * s for v, s in zip(cfg.trainer.max_time.split(":"), (86400, 3600, 60, 1)))
@@ -275,7 +276,7 @@ class RecordingStage(Stage):
     seen: list = []
 
     def run(self, cfg, module, datamodule, train, build):
-        rebuilt = build(cfg, model_settings={"probe": True})
+        rebuilt = build(cfg, model_config={"probe": True})
         RecordingStage.seen.append((module, datamodule, train, rebuilt, {k: v.clone() for k, v in rebuilt.state_dict().items()}))
         return rebuilt
 
@@ -288,7 +289,7 @@ def test_train_runs_the_stages_a_config_declares_and_trains_the_module_they_retu
     train(compose_config("train", [*quick_overrides, "debug=fdr", "+stages.probe._target_=test_m1m2.RecordingStage"]))
     ((built, datamodule, given_train, rebuilt, before),) = RecordingStage.seen
     assert isinstance(built.model, VAE) and built is not rebuilt and given_train is vaelab.train.train
-    assert datamodule.binary and rebuilt.hparams.model_settings == {"probe": True}
+    assert datamodule.binary and rebuilt.hparams.model_config == {"probe": True}
     assert rebuilt.global_step == 1  # fast_dev_run's one step trained the stage's module
     assert any(not torch.equal(before[k], v) for k, v in rebuilt.state_dict().items())
     RecordingStage.seen.clear()
@@ -299,7 +300,7 @@ def test_train_runs_the_stages_a_config_declares_and_trains_the_module_they_retu
 
 def test_the_m1m2_stage_runs_from_config_and_its_feature_count_is_kept(quick_overrides, tmp_path, monkeypatch, mnist_dir):
     """model=m1m2 stages.m1.epochs=1 through train(): M1 trains into <run>/m1, M2 on the chosen
-    features, whose number the checkpoint keeps (model_settings); a resumed run and evaluate.py,
+    features, whose number the checkpoint keeps (model_config); a resumed run and evaluate.py,
     whose configs leave model.features open, rebuild the model with that number."""
     small = [
         "model=m1m2", "data.labeled=100", "model.z_dim=8", "model.net.hidden=[32]", "model.m2.z_dim=4",
@@ -315,7 +316,7 @@ def test_the_m1m2_stage_runs_from_config_and_its_feature_count_is_kept(quick_ove
     assert m1["hyper_parameters"]["model"] == "VAE" and m1["epoch"] == 0
     last = tmp_path / "checkpoints" / "last.ckpt"
     stage2 = torch.load(last, weights_only=True)
-    assert stage2["hyper_parameters"]["model_settings"] == {"features": 3} and len(stage2["state_dict"]["model.kept"]) == 3
+    assert stage2["hyper_parameters"]["model_config"]["features"] == 3 and len(stage2["state_dict"]["model.kept"]) == 3
     assert stage2["hyper_parameters"]["model"] == "M1M2"
     for key, value in m1["state_dict"].items():  # M2 trained on the M1 of stage 1, which stayed frozen
         torch.testing.assert_close(stage2["state_dict"][key.replace("model.", "model.m1.", 1)], value)
@@ -338,7 +339,7 @@ def test_the_m1m2_stage_runs_from_config_and_its_feature_count_is_kept(quick_ove
     assert resumed["epoch"] == 1 and len(resumed["state_dict"]["model.kept"]) == 3
     assert m1_path.stat().st_mtime_ns == written  # a resumed run does not run its stages again
     # ... and its checkpoints keep the number too, for the next resume or evaluation
-    assert resumed["hyper_parameters"]["model_settings"] == {"features": 3}
+    assert resumed["hyper_parameters"]["model_config"]["features"] == 3
 
 @pytest.mark.slow
 def test_the_two_stage_command_trains_evaluates_and_reuses_m1(quick_overrides, tmp_path, monkeypatch):
@@ -357,7 +358,7 @@ def test_the_two_stage_command_trains_evaluates_and_reuses_m1(quick_overrides, t
     stage2 = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     m1_weights = torch.load(m1, weights_only=True)["state_dict"]
     torch.testing.assert_close(stage2["state_dict"]["model.m1.encoder.head.0.weight"], m1_weights["model.encoder.head.0.weight"])
-    assert len(stage2["state_dict"]["model.kept"]) == 7 and stage2["hyper_parameters"]["model_settings"] == {"features": 7}
+    assert len(stage2["state_dict"]["model.kept"]) == 7 and stage2["hyper_parameters"]["model_config"]["features"] == 7
 
     result = run_script(
         "evaluate.py", f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", quick_overrides[0],  # paths.data_dir

@@ -1,13 +1,16 @@
 """An independent classifier of real images that scores class-conditional samples: the share of
 ``sample(n, y=c)`` it assigns to class c. Trained once per dataset on the real training images
 (grey levels or colour, never binarized, since samples are the mean images of p(x|z,y)) and cached
-as ``<classifier_dir>/<dataset>.pt``. (Re)build it with
+as ``<classifier_dir>/<dataset>-<key>.pt``, the key naming everything that built it; a cached one
+whose test accuracy is under a floor is built again. (Re)build it with
 
     python -m vaelab.classifier data=mnist          # or data=svhn; epochs=..., paths.data_dir=...
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -19,9 +22,8 @@ from omegaconf import DictConfig
 from torchmetrics.classification import MulticlassAccuracy
 
 from vaelab.nets import Encoder
-from vaelab.utils import checkpoints
+from vaelab.utils import CONFIG_DIR, checkpoints
 from vaelab.utils.run import atomic_write
-from vaelab.utils import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
@@ -78,20 +80,44 @@ def build_classifier(
     trainer.fit(model, datamodule=datamodule)
     accuracy = trainer.test(model, datamodule=datamodule, verbose=False)[0]["classifier/test_acc"]
     with atomic_write(path, "wb") as file:
-        torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "test_acc": accuracy}, file)
+        torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "test_acc": accuracy,
+                    "recipe": recipe(datamodule, epochs)}, file)
     log.info("Classifier test accuracy on real %s images: %.2f %%", datamodule.name, 100 * accuracy)
     return model.eval(), accuracy
 
 
-def load_classifier(path: Path, datamodule: pl.LightningDataModule, epochs: int = 3) -> tuple[ImageClassifier, float]:
-    """The classifier cached at ``path`` and its test accuracy on real images; built first from
-    ``datamodule`` when the file is missing."""
-    if not path.is_file():
-        return build_classifier(datamodule, path, epochs)
-    saved = checkpoints.read(path, "the cached classifier")
-    model = ImageClassifier(**saved["hyper_parameters"])
-    model.load_state_dict(saved["state_dict"])
-    return model.eval(), float(saved["test_acc"])
+def recipe(datamodule: pl.LightningDataModule, epochs: int) -> dict:
+    """Everything that builds the classifier: the data and its split, the network, the training."""
+    return {"data": datamodule.name, "input_shape": list(datamodule.input_shape), "num_classes": datamodule.num_classes,
+            "val_size": getattr(datamodule, "val_size", None), "split_seed": getattr(datamodule, "split_seed", None),
+            "net": NET, "lr": 1e-3, "epochs": epochs}
+
+
+def classifier_file(directory: str | Path, datamodule: pl.LightningDataModule, epochs: int) -> Path:
+    """Where the classifier of this ``recipe`` is cached in ``directory``: ``<dataset>-<key>.pt``."""
+    key = hashlib.sha256(json.dumps(recipe(datamodule, epochs), sort_keys=True).encode()).hexdigest()[:12]
+    return Path(directory) / f"{datamodule.name}-{key}.pt"
+
+
+def load_classifier(path: Path, datamodule: pl.LightningDataModule, epochs: int = 3, min_acc: float = 0.0) -> tuple[ImageClassifier, float]:
+    """The classifier cached at ``path`` and its test accuracy on real images; built (again)
+    from ``datamodule`` when the file is missing or its accuracy is under ``min_acc``. A judge
+    that stays under ``min_acc`` is refused: its scores would say nothing about the samples."""
+    saved = checkpoints.read(path, "the cached classifier") if path.is_file() else None
+    if saved is not None and float(saved["test_acc"]) >= min_acc:
+        model = ImageClassifier(**saved["hyper_parameters"])
+        model.load_state_dict(saved["state_dict"])
+        return model.eval(), float(saved["test_acc"])
+    if saved is not None:
+        log.warning("The cached classifier %s reaches %.2f %% < %.2f %% on real test images: building it again.",
+                    path, 100 * float(saved["test_acc"]), 100 * min_acc)
+    model, accuracy = build_classifier(datamodule, path, epochs)
+    if accuracy < min_acc:
+        raise ValueError(
+            f"The sample-quality classifier ({path}) reaches {100 * accuracy:.2f} % on real test images, under "
+            f"eval.classifier_min_acc={min_acc:g}: its scores would say nothing. Train it longer (eval.classifier_epochs, now {epochs})."
+        )
+    return model, accuracy
 
 
 @torch.no_grad()
@@ -111,7 +137,7 @@ def sample_accuracy(generator, classifier: ImageClassifier, per_class: int, batc
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="classifier")
 def main(cfg: DictConfig) -> float:
     datamodule = real_image_data(cfg.data)
-    return build_classifier(datamodule, Path(cfg.classifier_dir) / f"{datamodule.name}.pt", cfg.epochs)[1]
+    return build_classifier(datamodule, classifier_file(cfg.classifier_dir, datamodule, cfg.epochs), cfg.epochs)[1]
 
 
 if __name__ == "__main__":

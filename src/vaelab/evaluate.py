@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from vaelab.classifier import load_classifier, real_image_data, sample_accuracy
+from vaelab.classifier import classifier_file, load_classifier, real_image_data, sample_accuracy
 from vaelab.data import ImageDataModule
 from vaelab.iwae import passes
 from vaelab.lit import LitModel
@@ -27,8 +28,8 @@ from vaelab.models.base import LatentModel
 from vaelab.objectives import model_kind
 from vaelab.report import latent_codes, model_figures, save_figures
 from vaelab.train import build, finish_wandb
-from vaelab.utils import CONFIG_DIR, apply_extras, instantiate_loggers, log_hyperparameters
-from vaelab.utils.checkpoints import apply_model_settings, check_checkpoint, restore_run_config
+from vaelab.utils import CONFIG_DIR, apply_extras, log_lightning_to_run_log, instantiate_loggers, log_hyperparameters
+from vaelab.utils.checkpoints import check_checkpoint, complete_model_config, restore_run_config
 from vaelab.utils.run import atomic_write, run_directory, signal_exit_status
 from vaelab.viz import confusion_plot, latent_scatter
 
@@ -45,9 +46,10 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, f
 
 
 def _evaluate(cfg: DictConfig) -> dict[str, float]:
+    check_eval_settings(cfg.eval)
     apply_extras(cfg)
     datamodule: ImageDataModule = hydra.utils.instantiate(cfg.data)
-    apply_model_settings(cfg, cfg.ckpt_path)
+    complete_model_config(cfg, cfg.ckpt_path)
     module = build(cfg, datamodule, iwae_k=cfg.eval.iwae_k, iwae_rows=cfg.eval.iwae_rows)
     check_checkpoint(cfg.ckpt_path, module)
     if cfg.eval.iwae_k:
@@ -63,6 +65,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
         if trainer.is_global_zero:
             report = {} if matrix is None else {"confusion_matrix": matrix.tolist()}
             write_report(cfg, module.model, metrics, report)  # first the test, then what takes longer
+            refuse_non_finite(metrics, cfg.ckpt_path)
             figures = evaluation_figures(cfg, module.model, datamodule)
             if matrix is not None:
                 figures["confusion"] = confusion_plot(matrix)
@@ -75,10 +78,30 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def check_eval_settings(settings: DictConfig) -> None:
+    """One clear error for an evaluation setting that cannot work, before anything runs."""
+    for name in ("iwae_rows", "n_examples", "n_latent", "samples_per_class", "classifier_epochs"):
+        value = settings[name]
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"eval.{name} must be a positive integer, got {value}.")
+    if not 0 <= settings.classifier_min_acc <= 1:
+        raise ValueError(f"eval.classifier_min_acc must be a share in [0, 1], got {settings.classifier_min_acc}.")
+
+
+def refuse_non_finite(metrics: dict[str, float], checkpoint: str) -> None:
+    """A result that is not a number is no result: raise, naming the metrics and the checkpoint."""
+    bad = sorted(name for name, value in metrics.items() if not math.isfinite(value))
+    if bad:
+        raise FloatingPointError(
+            f"{', '.join(f'{name}={metrics[name]}' for name in bad)}: the checkpoint {checkpoint} gives results that are not "
+            "numbers (its weights diverged). Evaluate an earlier checkpoint of the run (checkpoints/epoch_NNN.ckpt)."
+        )
+
+
 def classifier_path(cfg: DictConfig, datamodule: ImageDataModule) -> Path:
     """Where the sample-quality classifier is cached: ``eval.classifier_dir``, or, when it has
     none yet and cannot be written, the run directory (checked before anything is computed)."""
-    path = Path(cfg.eval.classifier_dir) / f"{datamodule.name}.pt"
+    path = classifier_file(cfg.eval.classifier_dir, datamodule, cfg.eval.classifier_epochs)
     if path.is_file() or writable(path.parent):
         return path
     fallback = Path(cfg.paths.output_dir) / "classifiers" / path.name
@@ -120,11 +143,12 @@ def sample_quality(cfg: DictConfig, model: LatentModel, path: Path, datamodule: 
     """``test/sample_acc``: the share of class-conditional samples that an independent classifier
     (cached at ``path``, built on first use) assigns to their class; adds it to ``metrics`` and
     the loggers and returns the per-class shares and the classifier's own accuracy for the report."""
-    classifier, real_accuracy = load_classifier(path, real_image_data(cfg.data), cfg.eval.classifier_epochs)
+    classifier, real_accuracy = load_classifier(path, real_image_data(cfg.data), cfg.eval.classifier_epochs, cfg.eval.classifier_min_acc)
     shares = sample_accuracy(model, classifier, cfg.eval.samples_per_class)
     metrics["test/sample_acc"] = float(shares.mean())
+    metrics["test/sample_classifier_acc"] = real_accuracy  # the judge's own accuracy on real test images
     for logger in loggers:
-        logger.log_metrics({"test/sample_acc": metrics["test/sample_acc"]}, step=0)
+        logger.log_metrics({name: metrics[name] for name in ("test/sample_acc", "test/sample_classifier_acc")}, step=0)
     return {"sample_acc_per_class": shares.tolist(), "classifier": {"path": str(path), "test_acc_on_real_images": real_accuracy}}
 
 
@@ -139,18 +163,24 @@ def write_report(cfg: DictConfig, model, metrics: dict[str, float], report: dict
         "test_inputs": f"binarized once with seed data.split_seed={cfg.data.split_seed}" if binarized else "8-bit pixels",
         "iwae_k": cfg.eval.iwae_k,
         "units": "nats per example (elbo, nll_iwae), bits per dimension (bpd)",
-        "metrics": dict(sorted(metrics.items())),
+        # standard JSON: a value that is not a number is written as null
+        "metrics": {name: value if math.isfinite(value) else None for name, value in sorted(metrics.items())},
         **report,
     }
     path = Path(cfg.paths.output_dir) / "metrics.json"
     with atomic_write(path) as file:
-        file.write(json.dumps(result, indent=2) + "\n")
+        file.write(json.dumps(result, indent=2, allow_nan=False) + "\n")
     log.info("Wrote %s", path)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg, list(HydraConfig.get().overrides.task))
+    log_lightning_to_run_log()
+    try:
+        evaluate(cfg, list(HydraConfig.get().overrides.task))
+    except Exception as error:  # the run's log says how it ended, as the console does
+        log.error("%s: %s", type(error).__name__, error)
+        raise
 
 
 if __name__ == "__main__":

@@ -37,8 +37,8 @@ class LitModel(pl.LightningModule):
     classifier's cross-entropy, accuracy and, in test, the confusion matrix. ``iwae_k`` > 0 adds
     the k-sample importance-weighted bound to the test metrics, drawn in passes of at most
     ``iwae_rows`` decoder rows. ``objective`` may be None for a module that only evaluates;
-    ``model_settings`` are model settings chosen before training (by a stage), kept in checkpoints
-    so that the model can be rebuilt to fit them."""
+    ``model_config`` is the resolved config the model was built from (with the settings a stage
+    chose), kept in checkpoints: a resume or evaluation rebuilds the same model from it."""
 
     def __init__(
         self,
@@ -53,7 +53,7 @@ class LitModel(pl.LightningModule):
         iwae_k: int = 0,
         iwae_rows: int = 20_000,
         data: DataFacts | None = None,
-        model_settings: Mapping | None = None,
+        model_config: Mapping | None = None,
     ) -> None:
         super().__init__()
         self.schedule = LRSchedule(lr_schedule, lr_step)
@@ -81,7 +81,7 @@ class LitModel(pl.LightningModule):
             "model": model_kind(model), "objective": objective.settings() if objective else None,
             "lr_schedule": lr_schedule, "lr_step": self.schedule.lr_step, "gradient_clip_val": gradient_clip_val,
             "accumulate_grad_batches": accumulate_grad_batches, "labeled": self.data.labeled,
-            "train_size": self.data.train_size, "model_settings": dict(model_settings or {}),
+            "train_size": self.data.train_size, "model_config": dict(model_config or {}),
         })
         if model.has_classifier:
             self.val_acc = MulticlassAccuracy(model.num_classes, average="micro")

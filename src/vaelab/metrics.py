@@ -4,7 +4,7 @@ or ``test/``."""
 
 from __future__ import annotations
 
-HIGHER_IS_BETTER = {"elbo", "elbo_given_y", "elbo_labeled", "iwae", "iwae_given_y", "acc", "sample_acc", "mi"}
+HIGHER_IS_BETTER = {"elbo", "elbo_given_y", "elbo_labeled", "iwae", "iwae_given_y", "acc", "sample_acc", "sample_classifier_acc", "mi"}
 LOWER_IS_BETTER = {
     "loss", "ce", "nll_iwae", "nll_iwae_given_y", "bpd", "bpd_given_y", "bpd_iwae", "bpd_iwae_given_y",
 }

@@ -30,7 +30,7 @@ class Stage(ABC):
         """Do the stage's work and return the module that trains next. ``cfg`` is the run's
         config (a stage may settle open settings in it), ``module`` the module as built,
         ``train`` runs a whole training run of a config as train.py does, ``build`` builds a
-        module from a config (``model_settings=``: settings its checkpoints keep)."""
+        module from a config."""
 
 
 def time_left(max_time: str | Mapping, spent_s: float) -> str:
@@ -75,7 +75,7 @@ class PretrainM1(Stage):
             with open_dict(cfg):
                 cfg.model.features = active_count(spread)
             m1 = module.model.m1.state_dict()  # the M1 the spread was measured on
-            module = build(cfg, model_settings={"features": cfg.model.features})
+            module = build(cfg)
             module.model.m1.load_state_dict(m1)
         module.model.keep_active(spread)
         log.info(

@@ -15,8 +15,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from vaelab.data import ImageDataModule
 from vaelab.lit import LitModel
 from vaelab.objectives import DataFacts
-from vaelab.utils import CONFIG_DIR, apply_extras, instantiate_callbacks, instantiate_loggers, log_hyperparameters
-from vaelab.utils.checkpoints import apply_model_settings, check_checkpoint
+from vaelab.utils import CONFIG_DIR, apply_extras, log_lightning_to_run_log, instantiate_callbacks, instantiate_loggers, log_hyperparameters
+from vaelab.utils.checkpoints import check_checkpoint, newest_readable, resume_model_config
 from vaelab.utils.run import AtomicCheckpointIO, restart_checkpoint, run_directory, signal_exit_status
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ def build(cfg: DictConfig, datamodule: ImageDataModule, **options) -> LitModel:
     model = hydra.utils.instantiate(cfg.model)
     # built from partials, so that a wrong setting raises its own message, not Hydra's wrapper
     objective = hydra.utils.instantiate(cfg.objective, _partial_=True)() if cfg.get("train") else None
+    options.setdefault("model_config", OmegaConf.to_container(cfg.model, resolve=True))
     labeled = datamodule.labeled
     data = DataFacts(datamodule.binary, labeled, datamodule.train_size if labeled is not None else None)
     return hydra.utils.instantiate(cfg.lit, _partial_=True)(model=model, objective=objective, data=data, **options)
@@ -70,9 +71,14 @@ def _train(cfg: DictConfig, ckpt_path: str | None) -> dict[str, float]:
             "vaelab steps the optimizer itself: set lit.gradient_clip_val and lit.accumulate_grad_batches "
             "instead of trainer.gradient_clip_val and trainer.accumulate_grad_batches."
         )
+    if cfg.get("train") and 0 in (cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps")):
+        raise ValueError(
+            "trainer.max_epochs=0 (or max_steps=0) trains nothing; set it to at least 1, or train=false to test a checkpoint only."
+        )
     datamodule: ImageDataModule = hydra.utils.instantiate(cfg.data)
-    settings = apply_model_settings(cfg, ckpt_path) if ckpt_path else {}
-    model = build(cfg, datamodule, model_settings=settings)  # checks model, objective and data before anything runs
+    if ckpt_path:
+        resume_model_config(cfg, ckpt_path)
+    model = build(cfg, datamodule)  # checks model, objective and data before anything runs
     if cfg.get("train") and not ckpt_path:
         for entry in (cfg.get("stages") or {}).values():  # what the model declares it needs first
             stage = hydra.utils.instantiate(entry, _recursive_=False)
@@ -99,7 +105,7 @@ def _train(cfg: DictConfig, ckpt_path: str | None) -> dict[str, float]:
     metrics: dict[str, float] = {}
     try:
         if cfg.get("train"):
-            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+            fit(trainer, model, datamodule, ckpt_path)
             metrics.update(trainer.callback_metrics)
             kept = trainer.checkpoint_callback
             if kept is not None and kept.monitor == cfg.optimized_metric and kept.best_model_score is not None:
@@ -113,6 +119,18 @@ def _train(cfg: DictConfig, ckpt_path: str | None) -> dict[str, float]:
     finally:
         finish_wandb()
     return {name: float(value) for name, value in metrics.items()}
+
+
+def fit(trainer: pl.Trainer, model: LitModel, datamodule: ImageDataModule, ckpt_path: str | None) -> None:
+    """``trainer.fit``; when training diverges, the error names the newest good checkpoint to resume from."""
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except FloatingPointError as error:
+        directory = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None
+        good = newest_readable(directory) if directory else None
+        where = (f"The newest good checkpoint: {good}; resume with ckpt_path={good}." if good
+                 else "No checkpoint was written before it.")
+        raise FloatingPointError(f"{error} {where}") from None
 
 
 def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
@@ -131,7 +149,13 @@ def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    log_lightning_to_run_log()
+    try:
+        metrics = train(cfg)
+    except Exception as error:  # the run's log says how it ended, as the console does
+        log.error("%s: %s", type(error).__name__, error)
+        raise
+    log.info("Metrics: %s", ", ".join(f"{name}={value:.6g}" for name, value in sorted(metrics.items())))
     return metric_value(metrics, cfg.optimized_metric) if cfg.get("train") else None
 
 

@@ -7,8 +7,8 @@ from collections.abc import Iterable
 
 import torch
 
-ADVICE = ("Training stopped without applying that step's update; checkpoints/last.ckpt holds finite weights. Lower "
-          "lit.optimizer.lr or set lit.gradient_clip_val, then resume with ckpt_path=...last.ckpt.")
+ADVICE = ("Training stopped without applying that step's update, and no checkpoint was written with these weights. "
+          "Lower lit.optimizer.lr or set lit.gradient_clip_val, then resume from the newest good checkpoint.")
 
 
 class FinitenessGuard:

@@ -4,15 +4,19 @@ and run config it was written with, and the weights of a pretrained part."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from torch import nn
 
 log = logging.getLogger(__name__)
 
+# the classes a restored config may build unless restore_targets says otherwise
+OWN_TARGETS = ("vaelab.",)
 # command-line choices that replace a restored section: a config group chosen anew
 SECTION_GROUPS = {"model": {"model", "net", "likelihood", "posterior", "experiment"}, "data": {"data", "experiment"}}
 
@@ -31,6 +35,19 @@ def read(path: str | Path, what: str = "ckpt_path") -> dict:
     except Exception as error:
         raise ValueError(f"{what}={path} is not a readable Lightning checkpoint ({type(error).__name__}: {error}).") from None
     return checkpoint
+
+
+def newest_readable(directory: str | Path) -> Path | None:
+    """The most recently written checkpoint in ``directory`` that loads, if any. Checkpoints are
+    never written with weights known to be bad (``vaelab.callbacks.LastCheckpoint``), so this
+    is the newest good state."""
+    for path in sorted(Path(directory).glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            read(path)
+        except (OSError, ValueError):
+            continue
+        return path
+    return None
 
 
 def state_mismatch(saved: dict, expected: dict) -> str:
@@ -57,19 +74,44 @@ def check_checkpoint(path: str, module: pl.LightningModule) -> None:
         )
 
 
-def apply_model_settings(cfg: DictConfig, path: str) -> dict:
-    """Set in ``cfg.model`` the model settings that the run of checkpoint ``path`` chose before
-    training (a stage's choices, kept in its hyperparameters), so that the model built from
-    ``cfg`` fits the weights; return them, for the module's own checkpoints to keep. An
-    unreadable checkpoint is left to ``check_checkpoint``."""
+def saved_model_config(path: str) -> dict:
+    """The resolved model config that the module of checkpoint ``path`` was built from (empty
+    when it cannot be read: that is left to ``check_checkpoint``)."""
     try:
-        settings = dict(read(path).get("hyper_parameters", {}).get("model_settings") or {})
+        return dict(read(path).get("hyper_parameters", {}).get("model_config") or {})
     except (OSError, ValueError):
         return {}
+
+
+def complete_model_config(cfg: DictConfig, path: str) -> dict:
+    """Set in ``cfg.model`` the settings it leaves open (null) that the run of checkpoint ``path``
+    settled before training (a stage's choices, e.g. M1+M2's ``features``), so that the model
+    built from ``cfg`` fits the weights; return the checkpoint's model config. Its ``_target_``s
+    are checked as a restored config's are (``restore_targets``)."""
+    saved = saved_model_config(path)
+    check_targets(saved, cfg.get("restore_targets") or OWN_TARGETS, f"the model config in {path}", "model")
     with open_dict(cfg):
-        for key, value in settings.items():
-            cfg.model[key] = value
-    return settings
+        for key, value in saved.items():
+            if key in cfg.model and cfg.model[key] is None and value is not None:
+                cfg.model[key] = value
+    return saved
+
+
+def resume_model_config(cfg: DictConfig, path: str) -> None:
+    """``complete_model_config``, then refuse to resume with model settings other than the
+    checkpoint's (say, another activation: every tensor keeps its shape, but another network
+    would train) unless ``allow_model_change`` is set."""
+    saved = complete_model_config(cfg, path)
+    configured = OmegaConf.to_container(cfg.model, resolve=True)
+    changes = [f"model.{key}={configured.get(key)} (checkpoint: {saved.get(key)})"
+               for key in sorted(set(saved) | set(configured)) if saved and configured.get(key) != saved.get(key)]
+    if changes and not cfg.get("allow_model_change"):
+        raise ValueError(
+            f"ckpt_path={path} was trained with other model settings: {'; '.join(changes)}. Resume with the checkpoint's "
+            "settings (drop these overrides), or set allow_model_change=true to train the changed model from its weights."
+        )
+    if changes:
+        log.warning("Resuming with changed model settings (allow_model_change=true): %s", "; ".join(changes))
 
 
 def load_part(path: str | Path, part: nn.Module, prefix: str, what: str) -> None:
@@ -85,6 +127,26 @@ def load_part(path: str | Path, part: nn.Module, prefix: str, what: str) -> None
             "train it with the same settings, or leave the setting null to train it first."
         )
     part.load_state_dict(weights)
+
+
+def check_targets(node: Any, allowed: Sequence[str], source: str, key: str = "") -> None:
+    """Refuse a ``_target_`` in ``node`` (restored from ``source``) outside the ``allowed``
+    prefixes: a config restored from a run directory or checkpoint is data, and building it must
+    not run code that the project does not ship or the user did not allow."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        node = OmegaConf.to_container(node, resolve=False)
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if target is not None and not str(target).startswith(tuple(allowed)):
+            raise ValueError(
+                f"{source} asks to build {target!r} (at {key or 'its top'}), which is not one of vaelab's own classes; "
+                f"refused without running it. If you trust that run, allow it: restore_targets='[{', '.join([*allowed, str(target)])}]'."
+            )
+        for name, value in node.items():
+            check_targets(value, allowed, source, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            check_targets(value, allowed, source, f"{key}[{index}]")
 
 
 def restore_run_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
@@ -104,6 +166,7 @@ def restore_run_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     for section, groups in SECTION_GROUPS.items():
         if section not in saved or groups & set(keys):
             continue
+        check_targets(saved[section], cfg.get("restore_targets") or OWN_TARGETS, str(saved_path), section)
         with open_dict(restored):
             restored[section] = saved[section]
         for key in keys:

@@ -44,6 +44,17 @@ def print_config_tree(cfg: DictConfig, save_dir: str | None = None, order: Seque
             OmegaConf.save(cfg, file, resolve=True)
 
 
+def log_lightning_to_run_log() -> None:
+    """Lightning logs through handlers of its own that bypass the root logger; hand its records
+    to the root logger instead, whose handlers Hydra set up: the console and the run's
+    ``<task>.log`` (train.log, evaluate.log)."""
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
+
+
 def apply_extras(cfg: DictConfig) -> None:
     """Optional conveniences from ``cfg.extras``: silence Python warnings, print the config."""
     extras = cfg.get("extras") or {}

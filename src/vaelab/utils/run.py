@@ -3,9 +3,11 @@ absent, and an exit status that says when a signal stopped the run."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import socket
 import time
@@ -121,8 +123,32 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:
+        if not disk_full(error, path.parent):
+            raise
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device (ENOSPC) while writing {path}; {'the earlier file there is intact' if path.exists() else 'nothing was written there'}. "
+            f"Free space on that disk (or write elsewhere: paths.output_dir=...), then run again (a training run resumes with "
+            f"ckpt_path=<its newest checkpoint>).",
+        ) from error
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def disk_full(error: BaseException, directory: Path) -> bool:
+    """Whether ``error`` (or an error it came from) is a full disk: ENOSPC, its message (torch's
+    writer reports it as "unexpected pos" with the cause inside), or under 1 MiB left in ``directory``."""
+    chain, link = [], error
+    while link is not None and link not in chain:  # a chain can loop back on itself
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    if any(getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e) for e in chain):
+        return True
+    try:
+        return shutil.disk_usage(directory).free < 2**20
+    except OSError:
+        return False
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
