@@ -3,8 +3,6 @@ loss, before that step's update is applied."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 
 ADVICE = ("Training stopped without applying that step's update, and no checkpoint was written with these weights. "
@@ -35,14 +33,14 @@ class FinitenessGuard:
             return
         self._bad_step = self._record(self._bad_step, bad, step)
 
-    def check_gradients(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]], step: int, epoch: int) -> None:
+    def check_gradients(self, module: torch.nn.Module, step: int, epoch: int) -> None:
         """Before the optimizer steps (gradients unscaled): stop at a non-finite gradient of a
         finite loss (CPU) or record it (accelerators); then zero the gradients of a skipped update."""
-        named = [(name, p) for name, p in named_parameters if p.grad is not None]
-        if named:
-            bad = ~torch.isfinite(torch.nn.utils.get_total_norm([p.grad for _, p in named]))
-            if self.reads_every_step(bad):
-                names = [name for name, p in named if not torch.isfinite(p.grad).all()] if bad else []
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if grads:
+            bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
+            if self.reads_every_step(bad):  # names are looked up only when it fails
+                names = [name for name, p in module.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()] if bad else []
                 if names:  # (an overflowing norm alone is not a non-finite gradient)
                     raise_non_finite_gradient(step, epoch, f", in {', '.join(names[:3])}{' and more' if len(names) > 3 else ''}")
             else:
@@ -50,8 +48,8 @@ class FinitenessGuard:
                     bad = bad & ~self._skip_update  # a non-finite loss is recorded as such
                 self._bad_gradient_step = self._record(self._bad_gradient_step, bad, step)
         if self._skip_update is not None:
-            for _, parameter in named:
-                parameter.grad.masked_fill_(self._skip_update, 0)
+            for grad in grads:
+                grad.masked_fill_(self._skip_update, 0)
             self._skip_update = None
 
     def raise_if_bad(self, metrics: dict[str, torch.Tensor], epoch: int) -> None:
