@@ -28,12 +28,13 @@ from vaelab.utils.run import atomic_write
 log = logging.getLogger(__name__)
 
 NET = {"type": "conv", "channels": [32, 64], "hidden": [128], "activation": "relu"}
+LR = 1e-3  # Adam's learning rate
 
 
 class ImageClassifier(pl.LightningModule):
     """A small CNN p(y|x) (``NET``) trained by cross-entropy with Adam."""
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, lr: float = 1e-3) -> None:
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, lr: float = LR) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = Encoder(NET, input_shape, num_classes)
@@ -90,7 +91,7 @@ def recipe(datamodule: pl.LightningDataModule, epochs: int) -> dict:
     """Everything that builds the classifier: the data and its split, the network, the training."""
     return {"data": datamodule.name, "input_shape": list(datamodule.input_shape), "num_classes": datamodule.num_classes,
             "val_size": getattr(datamodule, "val_size", None), "split_seed": getattr(datamodule, "split_seed", None),
-            "net": NET, "lr": 1e-3, "epochs": epochs}
+            "net": NET, "lr": LR, "epochs": epochs}
 
 
 def classifier_file(directory: str | Path, datamodule: pl.LightningDataModule, epochs: int) -> Path:

@@ -28,7 +28,7 @@ from vaelab.models.base import LatentModel
 from vaelab.objectives import model_kind
 from vaelab.report import latent_codes, model_figures, save_figures
 from vaelab.train import build, finish_wandb
-from vaelab.utils import CONFIG_DIR, apply_extras, log_lightning_to_run_log, instantiate_loggers, log_hyperparameters
+from vaelab.utils import CONFIG_DIR, apply_extras, instantiate_loggers, log_hyperparameters, run_log
 from vaelab.utils.checkpoints import check_checkpoint, complete_model_config, restore_run_config
 from vaelab.utils.run import atomic_write, run_directory, signal_exit_status
 from vaelab.viz import confusion_plot, latent_scatter
@@ -175,12 +175,8 @@ def write_report(cfg: DictConfig, model, metrics: dict[str, float], report: dict
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    log_lightning_to_run_log()
-    try:
+    with run_log():
         evaluate(cfg, list(HydraConfig.get().overrides.task))
-    except Exception as error:  # the run's log says how it ended, as the console does
-        log.error("%s: %s", type(error).__name__, error)
-        raise
 
 
 if __name__ == "__main__":

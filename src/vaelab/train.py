@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from vaelab.data import ImageDataModule
 from vaelab.lit import LitModel
 from vaelab.objectives import DataFacts
-from vaelab.utils import CONFIG_DIR, apply_extras, log_lightning_to_run_log, instantiate_callbacks, instantiate_loggers, log_hyperparameters
+from vaelab.utils import CONFIG_DIR, apply_extras, instantiate_callbacks, instantiate_loggers, log_hyperparameters, run_log
 from vaelab.utils.checkpoints import check_checkpoint, newest_readable, resume_model_config
 from vaelab.utils.run import AtomicCheckpointIO, restart_checkpoint, run_directory, signal_exit_status
 
@@ -149,12 +149,8 @@ def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    log_lightning_to_run_log()
-    try:
+    with run_log():
         metrics = train(cfg)
-    except Exception as error:  # the run's log says how it ended, as the console does
-        log.error("%s: %s", type(error).__name__, error)
-        raise
     log.info("Metrics: %s", ", ".join(f"{name}={value:.6g}" for name, value in sorted(metrics.items())))
     return metric_value(metrics, cfg.optimized_metric) if cfg.get("train") else None
 

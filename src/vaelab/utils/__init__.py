@@ -1,7 +1,7 @@
 """Helpers for the entry points: config paths and printing, instantiation, W&B mode; run
 directories and atomic files (``run``); checkpoint reading (``checkpoints``)."""
 
-from vaelab.utils.config import CONFIG_DIR, apply_extras, log_lightning_to_run_log, print_config_tree
+from vaelab.utils.config import CONFIG_DIR, apply_extras, print_config_tree, run_log
 from vaelab.utils.instantiate import instantiate_callbacks, instantiate_loggers, log_hyperparameters
 from vaelab.utils.wandb import resolve_wandb_mode
 
@@ -11,7 +11,7 @@ __all__ = [
     "instantiate_callbacks",
     "instantiate_loggers",
     "log_hyperparameters",
-    "log_lightning_to_run_log",
     "print_config_tree",
     "resolve_wandb_mode",
+    "run_log",
 ]

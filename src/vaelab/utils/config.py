@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import rich
@@ -44,15 +45,21 @@ def print_config_tree(cfg: DictConfig, save_dir: str | None = None, order: Seque
             OmegaConf.save(cfg, file, resolve=True)
 
 
-def log_lightning_to_run_log() -> None:
-    """Lightning logs through handlers of its own that bypass the root logger; hand its records
-    to the root logger instead, whose handlers Hydra set up: the console and the run's
-    ``<task>.log`` (train.log, evaluate.log)."""
+@contextmanager
+def run_log() -> Iterator[None]:
+    """Keep the run's ``<task>.log`` (train.log, evaluate.log) whole for the block: Lightning's
+    records, which its own handlers would keep from the root logger whose handlers Hydra set up
+    (the console and that file), and the error that ends the run."""
     for name in ("pytorch_lightning", "lightning_fabric"):
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
         logger.propagate = True
+    try:
+        yield
+    except Exception as error:  # the log says how the run ended, as the console does
+        log.error("%s: %s", type(error).__name__, error)
+        raise
 
 
 def apply_extras(cfg: DictConfig) -> None:
