@@ -30,7 +30,7 @@ from vaelab.report import latent_codes, model_figures, save_figures
 from vaelab.train import build, finish_wandb
 from vaelab.utils import CONFIG_DIR, apply_extras, instantiate_loggers, log_hyperparameters, run_log
 from vaelab.utils.checkpoints import check_checkpoint, complete_model_config, restore_run_config
-from vaelab.utils.run import atomic_write, run_directory, signal_exit_status
+from vaelab.utils.run import atomic_write, run_directory, set_launch_rank, signal_exit_status
 from vaelab.viz import confusion_plot, latent_scatter
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, f
     which win over the restored run config. The run directory must be this run's alone."""
     if not cfg.get("ckpt_path"):
         raise ValueError("Give the checkpoint to evaluate: python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt")
+    set_launch_rank(cfg.trainer.get("devices"))
     with run_directory(cfg.paths.output_dir), signal_exit_status():
         return _evaluate(restore_run_config(cfg, overrides or []))
 

@@ -17,7 +17,7 @@ from vaelab.lit import LitModel
 from vaelab.objectives import DataFacts
 from vaelab.utils import CONFIG_DIR, apply_extras, instantiate_callbacks, instantiate_loggers, log_hyperparameters, run_log
 from vaelab.utils.checkpoints import check_checkpoint, newest_readable, resume_model_config
-from vaelab.utils.run import AtomicCheckpointIO, restart_checkpoint, run_directory, signal_exit_status
+from vaelab.utils.run import AtomicCheckpointIO, restart_checkpoint, run_directory, set_launch_rank, signal_exit_status
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model, then test the best checkpoint; return every logged metric, with
     ``optimized_metric`` at the best checkpoint's value. The run directory must be this run's
     alone (``run_directory``)."""
+    set_launch_rank(cfg.trainer.get("devices"))
     ckpt_path = resume_path(cfg)
     with run_directory(cfg.paths.output_dir, ckpt_path), signal_exit_status(Path(cfg.paths.output_dir) / "checkpoints"):
         return _train(cfg, ckpt_path)

@@ -42,6 +42,18 @@ def holds_results(path: Path) -> list[str]:
     return [name for name in RESULTS if (path / name).is_file() or any((path / name).glob("*"))]
 
 
+def set_launch_rank(devices_per_node: Any) -> int:
+    """Tell Lightning's rank-zero guard this process's global rank before the trainer exists.
+    Lightning reads it from ``RANK``, ``LOCAL_RANK`` or ``SLURM_PROCID`` alone; a node started
+    by hand with Lightning's own variables (``NODE_RANK``, ``MASTER_ADDR``...) would otherwise
+    take itself for rank 0 and claim the run directory. Rank = node * devices per node + local."""
+    if not any(name in os.environ for name in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")):
+        node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)))
+        devices = devices_per_node if isinstance(devices_per_node, int) and devices_per_node > 0 else 1
+        rank_zero_only.rank = node * devices + int(os.environ.get("LOCAL_RANK", 0))
+    return rank_zero_only.rank
+
+
 @contextmanager
 def run_directory(path: str | Path, resume_from: str | None = None) -> Iterator[None]:
     """Hold ``path`` for this run: refuse it while another process holds it, or when it holds
@@ -169,7 +181,7 @@ class ClaimRunDirectory(Callback):
     callback's exceptions into warnings; a refusal here ends the process with its message.)"""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if os.environ.get("LOCAL_RANK", "0") != "0":  # a process that Lightning started for DDP
+        if set_launch_rank(config.get("trainer", {}).get("devices")) != 0:  # another process of a distributed run
             return
         try:
             path = Path(config.hydra.run.dir)
