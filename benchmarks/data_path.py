@@ -2,7 +2,8 @@
 
 Gathering a batch of uint8 images by ``index_select`` (what ``TensorBatches`` does) versus
 advanced indexing, and binarizing grey levels as ``rand < p`` (what ``MNISTDataModule`` does in
-training) versus ``torch.bernoulli``. Prints JSON: microseconds per batch (median of rounds).
+training) versus ``torch.bernoulli``. Prints JSON, microseconds per batch (median of rounds), and
+appends it to the results registry (``registry.py``).
 
     python benchmarks/data_path.py --batch-size 128 --calls 1000 --repeats 5
 """
@@ -17,6 +18,7 @@ import time
 
 import torch
 
+from registry import append
 from vaelab.data import MNISTDataModule
 
 
@@ -38,6 +40,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1000, help="calls per round")
     parser.add_argument("--repeats", type=int, default=5, help="rounds")
     parser.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA_DIR", "data"))
+    parser.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
+                        help="record that other work shared the machine (--no-shared: it did not; default: unknown)")
     args = parser.parse_args()
 
     datamodule = MNISTDataModule(args.data_dir, download=False)
@@ -53,6 +57,8 @@ def main() -> None:
     }
     results = {name: microseconds(function, args.calls, args.repeats) for name, function in timings.items()}
     print(json.dumps({"batch_size": args.batch_size, "threads": torch.get_num_threads(), "microseconds_per_batch": results}, indent=2))
+    append("data_path.py", {"metric": f"microseconds per batch of {args.batch_size} MNIST images", **results},
+           budget=f"{args.repeats} rounds of {args.calls} calls", shared=args.shared, setting="speed_data_path")
 
 
 if __name__ == "__main__":

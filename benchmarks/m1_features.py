@@ -3,7 +3,8 @@ features (posterior means whose standard deviation over the training images exce
 ``model=m1m2`` keeps them), the test accuracy of a 1-nearest-neighbour classifier on the features
 of ``--labeled`` balanced labels, and the test accuracy of an MLP (one hidden layer of 500)
 trained on the features of every training label (the training split of the last of
-``--split-seeds``), a ceiling for any classifier that reads them.
+``--split-seeds``), a ceiling for any classifier that reads them. Prints JSON and appends it to
+the results registry (``registry.py``).
 
     python benchmarks/m1_features.py <run>/checkpoints/last.ckpt --labeled 100 --split-seeds 0 1
 """
@@ -23,6 +24,7 @@ import vaelab.utils  # noqa: F401  (registers the resolvers of saved run configs
 from vaelab.data.split import balanced_split
 from vaelab.models.m1m2 import ACTIVE_SPREAD, M1_SETTINGS, active_count, posterior_means
 from vaelab.utils.checkpoints import load_part
+from registry import append
 
 
 def features(model, datamodule, images: torch.Tensor) -> torch.Tensor:
@@ -69,6 +71,8 @@ def main() -> None:
     parser.add_argument("--split-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--epochs", type=int, default=5, help="epochs of the supervised MLP")
     parser.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA_DIR"))
+    parser.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
+                        help="record that other work shared the machine (--no-shared: it did not; default: unknown)")
     args = parser.parse_args()
 
     cfg = run_config(args.checkpoint)
@@ -102,6 +106,9 @@ def main() -> None:
             supervised_accuracy(train[:, columns], train_labels, test[:, columns], test_labels, args.epochs), 4
         )
     print(json.dumps(report, indent=2))
+    report["metric"] = "supervised ceiling on M1's active features, %"
+    append("m1_features.py", report, split_seeds=args.split_seeds, budget=f"{args.epochs} epochs of the supervised MLP",
+           shared=args.shared, setting="m1_features")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ accuracy, entropy and information of q(y|x) against steps and minutes (PNG and C
     python benchmarks/m2_mnist.py --model m1m2 --labeled 100 --max-minutes 60 model.features=20
     python benchmarks/m2_mnist.py --model sdgm --labeled 100 --max-minutes 60
 
-Published test error (Kingma et al. 2014): M2 11.97 % (100 labels), 4.94 % (600), 3.60 % (1000),
-3.92 % (3000); M1+M2 3.33 % (100 labels). Maaloe et al. 2016, 100 labels: ADGM 0.96 %, SDGM 1.32 %.
+The figures are printed as JSON and appended to the results registry (``registry.py``) with the
+published figure of the setting (``registry.PUBLISHED``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ import argparse
 import csv
 import json
 import os
-import platform
 import time
-from datetime import date
 from pathlib import Path
 
 import hydra
@@ -29,11 +27,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from matplotlib.figure import Figure
 
+from registry import PUBLISHED, append
 from vaelab.data.split import balanced_split
 from vaelab.train import build, train
 from vaelab.utils import CONFIG_DIR
 
-PUBLISHED = {"ssvae": {100: 11.97, 600: 4.94, 1000: 3.60, 3000: 3.92}, "m1m2": {100: 3.33}, "adgm": {100: 0.96}, "sdgm": {100: 1.32}}
 NAMES = {"ssvae": ("m2", "M2"), "m1m2": ("m1m2", "M1+M2"), "adgm": ("adgm", "ADGM"), "sdgm": ("sdgm", "SDGM")}  # in file names, in figure titles
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the source checkout
@@ -84,6 +82,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA_DIR"))
     parser.add_argument("--out-dir", type=Path, default=PROJECT_ROOT / "benchmarks" / "results", help="where the curves go")
+    parser.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
+                        help="record that other work shared the machine (--no-shared: it did not; default: unknown)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. lit.optimizer.lr=1e-3")
     args = parser.parse_args()
     if args.threads:
@@ -130,34 +130,30 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(val)
     selection = cfg.optimized_metric
-    print(
-        json.dumps(
-            {
-                "model": args.model,
-                "labeled": args.labeled,
-                "split_seed": args.split_seed,
-                "epochs": len(val),
-                "seconds_per_epoch": round(wall / max(len(val), 1), 1),  # training and validation
-                "wall_seconds": round(wall),
-                "test_error_percent_final": errors["final"],
-                "test_error_percent_best": errors["best"],
-                "best_checkpoint": best.name,
-                "best_chosen_by": selection,
-                "labeled_validation_images_used_to_choose": cfg.data.val_size if selection.endswith(("acc", "ce")) else 0,
-                "unlabeled_train_accuracy_final": round(unlabeled, 4),
-                "val_acc_last": float(val[-1]["val/acc"]) if val else None,
-                "published_test_error_percent": PUBLISHED[args.model].get(args.labeled),
-                "test_inputs": "binarized once (data.split_seed)" if cfg.data.get("binarize") else "8-bit",
-                "curves": str(figure.relative_to(PROJECT_ROOT)) if figure.is_relative_to(PROJECT_ROOT) else str(figure),
-                "overrides": overrides,
-                "hardware": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-                + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
-                "date": date.today().isoformat(),
-                "run_dir": str(out),
-            },
-            indent=2,
-        )
+    setting = f"{stem}_mnist_{args.labeled}"
+    figures = {
+        "metric": "test error, %",
+        "final": errors["final"],
+        "best": errors["best"],
+        "best_by": selection,
+        "best_labels": cfg.data.val_size if selection.endswith(("acc", "ce")) else 0,
+        "best_checkpoint": best.name,
+        "epochs": len(val),
+        "seconds_per_epoch": round(wall / max(len(val), 1), 1),  # training and validation
+        "minutes": round(wall / 60, 1),
+        "unlabeled_accuracy": round(100 * unlabeled, 2),
+        "val_acc_last": round(100 * float(val[-1]["val/acc"]), 2) if val else None,
+        "test_inputs": "binarized once (data.split_seed)" if cfg.data.get("binarize") else "8-bit",
+        "curves": str(figure.relative_to(PROJECT_ROOT)) if figure.is_relative_to(PROJECT_ROOT) else str(figure),
+        "run_dir": str(out),
+    }
+    record = append(
+        "m2_mnist.py", figures, overrides=overrides, precision=str(cfg.trainer.precision), seeds=[int(cfg.seed)],
+        split_seeds=[args.split_seed], budget=f"{args.max_minutes:g} minutes" + (f", at most {args.max_epochs} epochs" if args.max_epochs < 10_000 else ""),
+        shared=args.shared, setting=setting, variant=" ".join(args.overrides) or None,
+        notes=f"published: {PUBLISHED[setting][1]} % ({PUBLISHED[setting][2]})" if setting in PUBLISHED else None,
     )
+    print(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Both run ``python train.py -m hparams_search=ssvae_optuna`` (M2, 100 labels, the
 ``src/vaelab/conf/hparams_search/ssvae_optuna.yaml``, its sampler seed) with short trials: one
 epoch of ``--steps`` training steps, validated ``--validations`` times on ``--val-batches``
 batches. One search keeps the default pruner (median rule), the other has ``pruner=null``. Each
-study goes to its own SQLite file under a temporary directory. Prints JSON.
+study goes to its own SQLite file under a temporary directory. Prints JSON and appends it to the
+results registry (``registry.py``).
 
     VAELAB_DATA_DIR=../shared/data python benchmarks/search_pruning.py --trials 20
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import optuna
+
+from registry import append
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +66,8 @@ def main() -> None:
     parser.add_argument("--validations", type=int, default=4, help="validations (pruning points) per trial")
     parser.add_argument("--val-batches", type=int, default=4, help="validation batches (of 500 images) each time")
     parser.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA_DIR"))
+    parser.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
+                        help="record that other work shared the machine (--no-shared: it did not; default: unknown)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         results = {
@@ -72,8 +76,10 @@ def main() -> None:
         }
     with_, without = results["with_pruning"], results["without_pruning"]
     results["time_ratio"] = round(with_["seconds"] / without["seconds"], 3)
-    results["hardware"] = f"{platform.machine()}, {os.cpu_count()} cores"
     print(json.dumps(results, indent=2))
+    results["metric"] = f"{args.trials}-trial Optuna search of M2, 100 labels"
+    append("search_pruning.py", results, budget=f"{args.steps} steps a trial, {args.validations} validations", shared=args.shared,
+           setting="search_pruning", split_seeds=[0])
 
 
 if __name__ == "__main__":

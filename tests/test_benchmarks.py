@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import hydra
 import pytest
 
 from conftest import REPO_ROOT, compose_config, run_script
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # the scripts import registry.py beside them
 
 
 def load(name: str):
@@ -45,9 +48,12 @@ def test_m1_features_reports_the_active_dimensions_and_accuracies_of_a_vae_run(q
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = run / "checkpoints" / "last.ckpt"
     data_dir = quick_overrides[0].split("=", 1)[1]
-    result = run_script("benchmarks/m1_features.py", str(checkpoint), "--split-seeds", "0", "1", "--epochs", "1", "--data-dir", data_dir)
+    registry = tmp_path / "registry.jsonl"
+    result = run_script("benchmarks/m1_features.py", str(checkpoint), "--split-seeds", "0", "1", "--epochs", "1", "--data-dir", data_dir,
+                        env={"VAELAB_REGISTRY": str(registry)})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
+    assert json.loads(registry.read_text())["figures"]["active_dimensions"] == report["active_dimensions"]
     active = int(report["active_dimensions"].split(" of ")[0])
     assert 1 <= active <= 8 and report["active_dimensions"].endswith("of 8")
     accuracies = [*report["nearest_neighbour_test_accuracy"].values(), *report["supervised_test_accuracy"].values()]

@@ -41,7 +41,7 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
 def native_bf16_precision(accelerator: str) -> str:
     """``bf16-mixed`` where the device of ``trainer.accelerator`` computes bfloat16 natively (a CPU
     with AVX512-BF16 or AMX, a CUDA GPU from Ampere on), else ``32-true``: emulated bfloat16 is
-    slower than float32 (benchmarks/README.md, "bf16 mixed precision")."""
+    slower than float32 (docs/speed.md, "bf16 mixed precision: what it changes per CPU")."""
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     else:

@@ -1,0 +1,112 @@
+"""The results registry and the tables rendered from it: the committed tables are what the
+registry renders, a hand-edited one is caught, records carry what a table needs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+registry = importlib.import_module("registry")
+render = importlib.import_module("render")
+
+BLOCK = re.compile(r"<!-- results:[^ ]+ -->\n.*?<!-- /results -->", re.S)
+FIGURE = re.compile(r"\b\d+(?:\.\d+)?\s?(?:%|nats\b)")
+
+
+def test_the_committed_tables_are_what_the_registry_renders():
+    assert render.stale(registry=registry.REGISTRY) == [], "run python benchmarks/render.py"
+
+
+def test_a_hand_edited_table_is_caught(tmp_path):
+    shutil.copy(REPO_ROOT / "README.md", tmp_path / "README.md")
+    text = (tmp_path / "README.md").read_text()
+    block = BLOCK.search(text).group(0)
+    edited = block.replace(" %", "0 %", 1)
+    assert edited != block
+    (tmp_path / "README.md").write_text(text.replace(block, edited))
+    assert render.stale(tmp_path, registry=registry.REGISTRY) == [tmp_path / "README.md"]
+    assert render.main(["--check"]) == 0  # the committed files are untouched
+
+
+def test_an_unknown_table_name_is_refused():
+    with pytest.raises(ValueError, match="Unknown results table 'nonsense'"):
+        render.render("<!-- results:nonsense -->\n<!-- /results -->", [])
+
+
+def test_every_record_says_what_ran_where_and_how():
+    records = registry.load(registry.REGISTRY)
+    ids = {r["id"] for r in records}
+    required = {"id", "script", "setting", "variant", "command", "overrides", "commit", "date", "machine", "precision",
+                "seeds", "split_seeds", "budget", "shared", "figures", "notes", "status"}
+    for record in records:
+        assert required <= record.keys(), (record["id"], required - record.keys())
+        assert {"cpu", "gpu", "gpu_count", "torch", "lightning"} <= record["machine"].keys(), record["id"]
+        assert {"model", "cores", "threads", "isa"} <= record["machine"]["cpu"].keys(), record["id"]
+        assert record["status"] in ("current", "superseded"), record["id"]
+        if record["status"] == "superseded":
+            assert record["reason"], record["id"]
+            assert record["superseded_by"] is None or record["superseded_by"] in ids, record["id"]
+        if record.get("migrated"):
+            assert record["source"], record["id"]
+
+
+def test_the_superseded_paper_table_row_is_marked_and_the_headline_m2_row_names_its_machine():
+    records = {r["id"]: r for r in registry.load(registry.REGISTRY)}
+    old = next(r for r in records.values() if r["setting"] == "m2_mnist_100" and r["figures"].get("best") == 27.22)
+    assert old["status"] == "superseded" and records[old["superseded_by"]]["status"] == "current"
+    headline = render.headline(list(records.values()))
+    m2 = next(line for line in headline if line.startswith("| `m2_mnist_100`"))
+    assert "AVX512-BF16" in m2 and "bf16-mixed" in m2
+
+
+def test_results_files_hold_only_rendered_tables():
+    for path in (REPO_ROOT / "benchmarks" / "results").glob("*.md"):
+        outside = BLOCK.sub("", path.read_text())
+        assert not re.search(r"^\|", outside, re.M), f"{path.name} holds a table outside the results markers"
+
+
+def test_no_result_figure_is_typed_into_the_docs():
+    for path in render.documents():
+        prose = re.sub(r"```.*?```", "", BLOCK.sub("", path.read_text()), flags=re.S)
+        found = FIGURE.findall(prose)
+        assert not found, f"{path.relative_to(REPO_ROOT)} types figures by hand: {found}; add a record and render it"
+
+
+def test_append_writes_a_record_where_vaelab_registry_points(tmp_path, monkeypatch):
+    target = tmp_path / "registry.jsonl"
+    monkeypatch.setenv("VAELAB_REGISTRY", str(target))
+    record = registry.append("m2_mnist.py", {"metric": "test error, %", "final": 9.5, "best": 9.0, "best_by": "val/elbo", "best_labels": 0},
+                             overrides=["model=ssvae"], precision="32-true", seeds=[42], split_seeds=[0], budget="1 minute",
+                             shared=True, setting="m2_mnist_100")
+    assert registry.load() == [record] == [json.loads(target.read_text())]
+    assert record["machine"]["cpu"]["cores"] and isinstance(record["machine"]["cpu"]["isa"], list)
+    assert record["status"] == "current" and record["setting"] == "m2_mnist_100"
+    row = render.headline([record])[-1]
+    assert "9.5 %" in row and "11.97 %" in row  # beside the published figure
+
+
+def test_render_places_each_kind_of_machine_in_its_column():
+    cpu = {"model": "x", "cores": 2, "threads": 1, "isa": ["AVX2"], "isa_cap": None}
+    record = {"machine": {"cpu": cpu, "gpu": None}}
+    assert render.machine_class(record) == "AVX2-only CPU"
+    cpu["isa"] = ["AVX2", "AVX-512", "AVX512-BF16"]
+    assert render.machine_class(record) == "AVX512-BF16 CPU"
+    cpu["isa_cap"] = "AVX2"
+    assert render.machine_class(record) == "AVX2-only CPU"
+    assert render.machine_class({"machine": {"cpu": {**cpu, "isa": None}, "gpu": "H100"}}) == "GPU"
+    assert render.machine_class({"machine": {"cpu": {**cpu, "isa": None, "isa_cap": None}, "gpu": None}}) == "CPU, ISA not recorded"
+
+
+def test_the_benchmark_scripts_append_to_the_registry():
+    for name in ("m2_mnist", "paper_table", "search_pruning", "m1_features", "data_path"):
+        source = (REPO_ROOT / "benchmarks" / f"{name}.py").read_text()
+        assert "from registry import" in source and "append(" in source, name
+    assert importlib.util.find_spec("registry") is not None
