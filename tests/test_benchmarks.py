@@ -8,6 +8,7 @@ import sys
 
 import hydra
 import pytest
+import torch
 
 from conftest import REPO_ROOT, compose_config, run_script
 
@@ -65,3 +66,25 @@ def test_m1_features_refuses_a_run_of_another_model(tmp_path):
     (tmp_path / ".hydra" / "config.yaml").write_text("model:\n  _target_: vaelab.models.M2\ndata:\n  num_classes: 10\n")
     with pytest.raises(ValueError, match="vaelab.models.M2 run"):
         load("m1_features").run_config(tmp_path / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_every_part_end_to_end_with_smoke(mnist_dir, tmp_path):
+    registry = tmp_path / "registry.jsonl"
+    result = run_script("benchmarks/gpu.py", "--smoke", "--data-dir", str(mnist_dir), env={"VAELAB_REGISTRY": str(registry)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert set(report["epochs"]) == {"vae", "cvae", "ssvae", "sdgm"}
+    for name, epoch in report["epochs"].items():
+        assert epoch["steps_per_epoch"] == 3 and epoch["train_epoch_s"] > 0 and epoch["val_epoch_s"] > 0, name
+        assert epoch["images_per_s"] == pytest.approx(3 * 128 / epoch["train_epoch_s"], rel=0.01), name
+    sdgm = report["sdgm_100_labels"]
+    assert sdgm["epochs"] == 1 and 0 <= sdgm["val_error"] <= 100 and 0 <= sdgm["test_error_final"] <= 100
+    assert not registry.exists()  # a smoke run measures nothing and records nothing
+
+
+def test_the_gpu_benchmark_without_a_gpu_points_to_smoke():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here")
+    result = run_script("benchmarks/gpu.py")
+    assert result.returncode == 2 and "no CUDA device here; run with --smoke" in result.stderr

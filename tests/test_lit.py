@@ -271,3 +271,14 @@ def test_a_new_objective_inherits_the_check_for_plain_batches():
         LitModel(M2((1, 6, 6), num_classes=3, z_dim=2, net=NET), objective=PosteriorMeanBeta(1.0))
     with pytest.raises(ValueError, match=r"VAE trains on plain batches, but data.labeled=100"):
         LitModel(VAE((1, 6, 6), z_dim=2, net=NET), objective=PosteriorMeanBeta(1.0), data=DataFacts(labeled=100, train_size=1000))
+
+
+def test_compile_mode_reaches_torch_compile_and_an_unknown_one_is_refused(monkeypatch):
+    with pytest.raises(ValueError, match="lit.compile_mode='fast' is not one of torch.compile's modes: None, default, reduce-overhead"):
+        LitModel(VAE((1, 4, 4), z_dim=2), objective=ELBO(), compile=True, compile_mode="fast")
+    modes = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: modes.append(mode) or real(fn, mode=mode))
+    module = LitModel(VAE((1, 4, 4), z_dim=2), objective=ELBO(), compile=True, compile_mode="max-autotune-no-cudagraphs")
+    module.configure_model()
+    assert modes == ["max-autotune-no-cudagraphs"]

@@ -24,6 +24,7 @@ from vaelab.training import FinitenessGuard, LRSchedule, Stepping
 log = logging.getLogger(__name__)
 
 Optimizer = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class LitModel(pl.LightningModule):
@@ -31,7 +32,8 @@ class LitModel(pl.LightningModule):
     torch optimizer), its learning rate following ``lr_schedule`` (``training.LRSchedule``),
     stepped by hand (Lightning's automatic loop costs ~4 % of a small model's step) after
     ``accumulate_grad_batches`` batches with gradients clipped at ``gradient_clip_val``;
-    ``compile=True`` compiles the loss with ``torch.compile``. ``data`` holds the facts about the
+    ``compile=True`` compiles the loss with ``torch.compile`` in ``compile_mode`` (``reduce-overhead``:
+    CUDA graphs replay the step's kernels). ``data`` holds the facts about the
     data that the entry point hands in. Validation and test log every term of the model's bound
     (and the objective's ``validation_terms``); for models with a classifier also U(x) with the
     classifier's cross-entropy, accuracy and, in test, the confusion matrix. ``iwae_k`` > 0 adds
@@ -50,6 +52,7 @@ class LitModel(pl.LightningModule):
         gradient_clip_val: float | None = None,
         accumulate_grad_batches: int = 1,
         compile: bool = False,
+        compile_mode: str | None = None,
         iwae_k: int = 0,
         iwae_rows: int = 20_000,
         data: DataFacts | None = None,
@@ -70,7 +73,9 @@ class LitModel(pl.LightningModule):
             except (ValueError, TypeError) as error:
                 raise ValueError(f"lit.optimizer: {error}") from None
         self.model, self.objective, self.optimizer_factory = model, objective, optimizer
-        self.compile_loss = compile
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"lit.compile_mode={compile_mode!r} is not one of torch.compile's modes: {', '.join(map(str, COMPILE_MODES))}.")
+        self.compile_loss, self.compile_mode = compile, compile_mode
         self.iwae_k, self.iwae_rows = iwae_k, iwae_rows
         self.guard = FinitenessGuard()
         self._configured_groups: list[dict] = []  # the optimizer's settings as configured
@@ -98,7 +103,7 @@ class LitModel(pl.LightningModule):
         """With ``compile=True``, compile ``loss`` (networks, likelihood and bound, forward and
         backward); parameters keep their names, so checkpoints load with or without it."""
         if self.compile_loss and "loss" not in vars(self):
-            self.loss = torch.compile(self.loss)
+            self.loss = torch.compile(self.loss, mode=self.compile_mode)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._checkpoint_groups = checkpoint.get("configured_optimizer")

@@ -36,7 +36,11 @@ class TensorBatches(Dataset):
         return self.images[index], self.labels[index]
 
     def __getitems__(self, indices: Sequence[int]) -> Batch:
-        index = torch.as_tensor(indices, device=self.labels.device)
+        index, device = torch.as_tensor(indices), self.labels.device
+        if device.type == "cuda":  # from pinned memory the copy is queued: the host never waits for the GPU
+            index = index.pin_memory().to(device, non_blocking=True)
+        elif index.device != device:
+            index = index.to(device)
         return self.images.index_select(0, index), self.labels.index_select(0, index)
 
     def to(self, device: torch.device) -> None:

@@ -1,0 +1,51 @@
+"""The GPU path: a training step never makes the host wait for the device (runs where CUDA exists)."""
+
+from __future__ import annotations
+
+import hydra
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from conftest import compose_config
+from vaelab.train import build
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+class NoSyncSteps(pl.Callback):
+    """From step ``after`` on, any host-device synchronisation inside a training step raises."""
+
+    def __init__(self, after: int) -> None:
+        self.after, self.checked = after, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step >= self.after:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if torch.cuda.get_sync_debug_mode():
+            torch.cuda.set_sync_debug_mode("default")
+            self.checked += 1
+
+
+@pytest.mark.parametrize("model", [["model=vae"], ["model=ssvae", "data.labeled=100"]], ids=["vae", "ssvae"])
+def test_training_steps_and_batches_on_the_gpu_never_wait_for_it(model, mnist_dir, tmp_path):
+    cfg = compose_config("train", [*model, "trainer=gpu", "data.on_device=true", f"paths.data_dir={mnist_dir}",
+                                   f"paths.output_dir={tmp_path}", "lit.gradient_clip_val=5"])
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module = build(cfg, datamodule)
+    check = NoSyncSteps(after=3)
+    trainer = pl.Trainer(accelerator="gpu", devices=1, precision=cfg.trainer.precision, max_steps=12,
+                         limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         log_every_n_steps=50, callbacks=[check])
+    try:
+        trainer.fit(module, datamodule=datamodule)
+        assert check.checked == 9
+        # gathering a batch on the device does not wait for it either
+        loader = datamodule.train_dataloader()
+        torch.cuda.set_sync_debug_mode("error")
+        for _, batch in zip(range(3), loader):
+            datamodule.preprocess_batch(batch[0] if isinstance(batch, tuple) else batch, train=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
