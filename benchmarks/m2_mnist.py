@@ -143,6 +143,9 @@ def main() -> None:
         "minutes": round(wall / 60, 1),
         "unlabeled_accuracy": round(100 * unlabeled, 2),
         "val_acc_last": round(100 * float(val[-1]["val/acc"]), 2) if val else None,
+        # minutes of training (validation included) until the validation accuracy first reached each level
+        "minutes_to_val_acc": {f"{level}": next((round(float(r["time/minutes"]), 1) for r in val if float(r["val/acc"]) >= level / 100), None)
+                               for level in (80, 85, 88, 90, 95)},
         "test_inputs": "binarized once (data.split_seed)" if cfg.data.get("binarize") else "8-bit",
         "curves": str(figure.relative_to(PROJECT_ROOT)) if figure.is_relative_to(PROJECT_ROOT) else str(figure),
         "run_dir": str(out),

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from conftest import compose_config
-from vaelab.train import build
+from vaelab.train import build, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -49,3 +49,15 @@ def test_training_steps_and_batches_on_the_gpu_never_wait_for_it(model, mnist_di
             datamodule.preprocess_batch(batch[0] if isinstance(batch, tuple) else batch, train=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_gpu_run_resumes_with_the_fused_update_from_a_checkpoint_without_it(mnist_dir, tmp_path):
+    """The fused Adam keeps its step count on the GPU; a checkpoint of the unfused one kept it on the CPU."""
+    common = ["model=vae", "trainer=gpu", f"paths.data_dir={mnist_dir}", "trainer.limit_train_batches=3",
+              "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "test=false", "logger=csv"]
+    first = compose_config("train", [*common, f"paths.output_dir={tmp_path}", "lit.optimizer.fused=null", "trainer.max_epochs=1"])
+    train(first)
+    resumed = compose_config("train", [*common, f"paths.output_dir={tmp_path}", "trainer.max_epochs=2",
+                                       f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"])
+    train(resumed)
+    assert (tmp_path / "checkpoints" / "epoch_001.ckpt").is_file()

@@ -5,6 +5,7 @@ objective (a new one needs no change to LitModel)."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from pathlib import Path
 
@@ -282,3 +283,8 @@ def test_compile_mode_reaches_torch_compile_and_an_unknown_one_is_refused(monkey
     module = LitModel(VAE((1, 4, 4), z_dim=2), objective=ELBO(), compile=True, compile_mode="max-autotune-no-cudagraphs")
     module.configure_model()
     assert modes == ["max-autotune-no-cudagraphs"]
+
+
+def test_an_optimizer_without_a_fused_kernel_is_told_to_drop_it():
+    with pytest.raises(ValueError, match=r"lit.optimizer: .*'fused' \(set lit.optimizer.fused=null"):
+        LitModel(VAE((1, 4, 4), z_dim=2), objective=ELBO(), optimizer=functools.partial(torch.optim.RMSprop, lr=1e-3, fused=True))

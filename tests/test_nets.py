@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vaelab.nets import BatchNorm, Decoder, Encoder, JointMLP, net_options
+from vaelab.nets.conv import ConvFeatures
 
 SPECS = [{"type": "mlp", "hidden": [32, 16]}, {"type": "conv", "channels": [8, 16], "hidden": [24]}]
 SHAPES = [(1, 28, 28), (3, 32, 32), (2, 21, 18)]
@@ -92,3 +95,18 @@ def test_batch_norm_normalises_over_every_leading_dimension():
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
     assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == 2
     torch.testing.assert_close(synced.all_classes(x, more=(a,)), before)
+
+
+def test_conv_features_compute_channels_last_what_nchw_computes():
+    torch.manual_seed(0)
+    nhwc = ConvFeatures((1, 28, 28), [8, 16], "relu")
+    assert nhwc[0].weight.is_contiguous(memory_format=torch.channels_last)
+    nchw = copy.deepcopy(nhwc)
+    nchw.memory_format = torch.contiguous_format
+    nchw.to(memory_format=torch.contiguous_format)
+    x = torch.rand(5, 1, 28, 28)
+    out, reference = nhwc(x), nchw(x)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)  # the same features, in (C, H, W) order
+    out.sum().backward()
+    reference.sum().backward()
+    torch.testing.assert_close(nhwc[0].weight.grad, nchw[0].weight.grad, rtol=1e-4, atol=1e-5)

@@ -70,8 +70,9 @@ class LitModel(pl.LightningModule):
         if optimizer is not None:
             try:  # the optimizer checks its settings when it is built: build one now, on a stand-in
                 optimizer([torch.nn.Parameter(torch.zeros(1))])
-            except (ValueError, TypeError) as error:
-                raise ValueError(f"lit.optimizer: {error}") from None
+            except (ValueError, TypeError, RuntimeError) as error:
+                hint = " (set lit.optimizer.fused=null: this optimizer has no fused implementation)" if "fused" in str(error) else ""
+                raise ValueError(f"lit.optimizer: {error}{hint}") from None
         self.model, self.objective, self.optimizer_factory = model, objective, optimizer
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"lit.compile_mode={compile_mode!r} is not one of torch.compile's modes: {', '.join(map(str, COMPILE_MODES))}.")
@@ -124,13 +125,19 @@ class LitModel(pl.LightningModule):
         ``lit.optimizer.lr`` trains with it; the log says what changed."""
         if self.objective is None:
             raise RuntimeError("LitModel was built without an objective; pass one (objective= in the config) to train.")
-        groups = self.optimizers().param_groups
+        optimizer = self.optimizers().optimizer
+        groups = optimizer.param_groups
         before = self._checkpoint_groups or [dict(group) for group in groups]
         for group, configured, old in zip(groups, self._configured_groups, before):
             changed = [f"{k} {v} (checkpoint: {old[k]})" for k, v in configured.items() if k in old and old[k] != v]
             if changed:
                 log.info("Resuming with the configured optimizer settings: %s.", ", ".join(changed))
             group.update(configured)
+            if group.get("fused"):  # a fused update keeps its step count beside the parameters
+                for param in group["params"]:
+                    state = optimizer.state.get(param, {})
+                    if torch.is_tensor(state.get("step")):
+                        state["step"] = state["step"].to(param.device, torch.float32)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["configured_optimizer"] = self._configured_groups

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from vaelab.nets.mlp import ACTIVATIONS
@@ -20,7 +21,13 @@ def downsampled(size: int, layers: int) -> list[int]:
 
 class ConvFeatures(nn.Sequential):
     """(N, C, H, W) -> (N, features): 3x3 stride-2 convolutions with ``channels[i]`` output
-    channels, each followed by the activation, then flattened."""
+    channels, each followed by the activation, then flattened (in (C, H, W) order).
+
+    Images and kernels are held channels-last (NHWC), the layout oneDNN and cuDNN compute in:
+    on a 2-core AVX2 CPU M2's classifier (228 MNIST images a step) trains 1.33x faster
+    (benchmarks/step_profile.py). ``memory_format`` sets the layout (torch.contiguous_format: NCHW)."""
+
+    memory_format = torch.channels_last
 
     def __init__(self, input_shape: Sequence[int], channels: Sequence[int], activation: str) -> None:
         c, h, w = input_shape
@@ -31,6 +38,12 @@ class ConvFeatures(nn.Sequential):
         heights, widths = downsampled(h, len(channels)), downsampled(w, len(channels))
         self.out_shape = (channels[-1], heights[-1], widths[-1])
         self.out_features = channels[-1] * heights[-1] * widths[-1]
+        self.to(memory_format=self.memory_format)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:  # (channels-last strides apply to 4-d batches)
+            x = x.contiguous(memory_format=self.memory_format)
+        return super().forward(x)
 
 
 class ConvImage(nn.Sequential):
