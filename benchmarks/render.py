@@ -50,6 +50,10 @@ def fmt(value: Any) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{key} {fmt(v)}" for key, v in value.items())
+    if isinstance(value, list):
+        return " / ".join(fmt(v) for v in value)
     return str(value).replace("|", "\\|")
 
 

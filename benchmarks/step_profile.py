@@ -11,7 +11,7 @@ Appends one record to the results registry (``registry.py``).
 
     python benchmarks/step_profile.py --model ssvae
     python benchmarks/step_profile.py --model sdgm --variant lit.optimizer.fused=null
-    ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/step_profile.py --model ssvae   # as an AVX2-only CPU
+    ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/step_profile.py --model ssvae trainer.precision=32-true   # as an AVX2-only CPU
 """
 
 from __future__ import annotations
@@ -118,17 +118,19 @@ def main() -> None:
     parser.add_argument("--model", default="ssvae", choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=30, help="timed steps per round")
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds")
-    parser.add_argument("--variant", nargs="+", default=[], help="overrides of a further variant, e.g. +lit.optimizer.fused=true")
+    parser.add_argument("--variant", nargs="+", default=[], help="overrides of a further variant, e.g. lit.optimizer.fused=null")
     parser.add_argument("--top", type=int, default=12, help="ops listed from the profile")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA_DIR"))
     parser.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
                         help="record that other work shared the machine (--no-shared: it did not; default: unknown)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of every run, e.g. trainer.precision=32-true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    base = [*MODELS[args.model], "trainer=cpu", "paths.output_dir=.", *([f"paths.data_dir={args.data_dir}"] if args.data_dir else [])]
+    base = [*MODELS[args.model], "trainer=cpu", "paths.output_dir=.", *([f"paths.data_dir={args.data_dir}"] if args.data_dir else []),
+            *args.overrides]
     steps = {"config": Step(base)}
     if any(isinstance(m, ConvFeatures) for m in steps["config"].module.modules()):
         steps["nchw"] = Step(base, nchw=True)
@@ -152,6 +154,7 @@ def main() -> None:
     ops = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in ops)
     figures = {
+        "metric": "ms per training step (median of alternating rounds)",
         "ms_per_step": {name: round(value, 1) for name, value in ms.items()},
         "ms_per_step_rounds": {name: [round(1000 * v, 1) for v in values] for name, values in rounds.items()},
         "speedup_over_config": {name: round(ms["config"] / value, 3) for name, value in ms.items() if name != "config"},

@@ -4,12 +4,14 @@ Both train the same model (built from the same Hydra config) on the same MNIST b
 process with the same loss (``LitModel.loss``, the objective's), alternating rounds so machine noise hits both
 alike. The first ``--warmup`` steps of every run are not timed. Lightning runs as
 ``python train.py`` does (CSV logging, rich progress bar) minus validation and checkpoints, and
-also bare (no logger, no progress bar). M2 (ssvae), ADGM and SDGM train with 100 labels. Prints JSON: images/s
+also bare (no logger, no progress bar); the plain loop runs in the same precision (autocast for
+bf16-mixed) and clips gradients as the recipe does. M2 (ssvae), ADGM and SDGM train with 100 labels. Prints JSON: images/s
 (unlabeled images for the semi-supervised models) and the ratios, per model, and M2's step time over the VAE's.
 ``--variant`` adds a Lightning run with more overrides to the same rounds (e.g.
 ``lit.compile=true`` or ``trainer.precision=bf16-mixed``) and reports its speed-up over the default Lightning run.
+Appends one record to the results registry (``registry.py``).
 
-    python benchmarks/throughput.py --steps 300 --repeats 3 [--models vae cvae ssvae]
+    python benchmarks/throughput.py --steps 300 --repeats 3 [--models vae cvae ssvae adgm sdgm]
     python benchmarks/throughput.py --models vae ssvae --variant lit.compile=true
 """
 
@@ -30,6 +32,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from pytorch_lightning.loggers import CSVLogger
 
+from registry import append
 from vaelab import train
 from vaelab.utils import CONFIG_DIR
 
@@ -82,7 +85,9 @@ def lightning_seconds(overrides: list[str], warmup: int, steps: int, product: bo
 
 
 def plain_seconds(overrides: list[str], warmup: int, steps: int) -> float:
-    datamodule, model, _, _ = build(overrides)
+    datamodule, model, _, precision = build(overrides)
+    bf16 = str(precision).startswith("bf16")  # as Lightning's bf16-mixed: autocast around the loss
+    clip = model.stepping.gradient_clip_val
     datamodule.setup("fit")
     model.configure_model()
     optimizer = model.configure_optimizers()
@@ -94,9 +99,12 @@ def plain_seconds(overrides: list[str], warmup: int, steps: int) -> float:
                 start = time.perf_counter()
             if isinstance(batch, tuple) and isinstance(batch[0], dict):  # CombinedLoader: (batch, index, loader)
                 batch = batch[0]
-            loss, _ = model.loss(datamodule.preprocess_batch(batch, train=True))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss, _ = model.loss(datamodule.preprocess_batch(batch, train=True))
             optimizer.zero_grad()
             loss.backward()
+            if clip:  # the recipe's clipping, as a plain loop would do it
+                torch.nn.utils.clip_grad_norm_(model.model.parameters(), clip)
             optimizer.step()
             step += 1
             if step == warmup + steps:
@@ -128,13 +136,16 @@ def measure(overrides: list[str], args) -> dict[str, list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODEL_OVERRIDES), choices=list(MODEL_OVERRIDES))
+    parser.add_argument("--models", nargs="+", default=["vae", "cvae", "ssvae"], choices=list(MODEL_OVERRIDES),
+                        help="default: the three quick ones (adgm and sdgm take most of an hour on 2 cores)")
     parser.add_argument("--steps", type=int, default=300, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps per run")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of (Lightning, plain)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA_DIR"))
     parser.add_argument("--variant", nargs="+", default=[], help="overrides of an extra Lightning run, e.g. lit.compile=true")
+    parser.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
+                        help="record that other work shared the machine (--no-shared: it did not; default: unknown)")
     args = parser.parse_args()
 
     results = {}
@@ -167,6 +178,20 @@ def main() -> None:
         plain = {name: results[name]["images_per_s"]["plain"] for name in ("vae", "ssvae")}
         summary["ssvae_step_time_over_vae"] = round(plain["vae"] / plain["ssvae"], 2)
     print(json.dumps(summary, indent=2))
+    figures = {"metric": "images/s: plain loop / Lightning as train.py runs it (ratio) / Lightning bare (ratio)"
+               + (" / variant (over Lightning)" if args.variant else "")}
+    for model, result in results.items():
+        speed = result["images_per_s"]
+        cells = [f"{speed['plain']:.0f}", f"{speed['lightning']:.0f} ({result['ratio_lightning_to_plain']})",
+                 f"{speed['lightning_bare']:.0f} ({result['ratio_lightning_bare_to_plain']})"]
+        if args.variant:
+            cells.append(f"{speed['lightning_variant']:.0f} ({result['ratio_variant_to_lightning']})")
+        figures[model] = " / ".join(cells)
+    if "ssvae_step_time_over_vae" in summary:
+        figures["ssvae_step_time_over_vae"] = summary["ssvae_step_time_over_vae"]
+    append("throughput.py", figures, overrides=[f"data.batch_size={args.batch_size}"], precision="the config's",
+           seeds=[0], budget=f"{args.steps} timed steps after {args.warmup} warm-up steps, {args.repeats} rounds",
+           shared=args.shared, setting="speed_lightning", variant=" ".join(args.variant) or None)
 
 
 if __name__ == "__main__":

@@ -88,3 +88,16 @@ def test_the_gpu_benchmark_without_a_gpu_points_to_smoke():
         pytest.skip("a CUDA device is here")
     result = run_script("benchmarks/gpu.py")
     assert result.returncode == 2 and "no CUDA device here; run with --smoke" in result.stderr
+
+
+@pytest.mark.slow
+def test_throughput_compares_lightning_with_a_plain_loop_and_records_it(mnist_dir, tmp_path):
+    registry = tmp_path / "registry.jsonl"
+    result = run_script("benchmarks/throughput.py", "--models", "vae", "--steps", "4", "--warmup", "1", "--repeats", "1",
+                        "--data-dir", str(mnist_dir), env={"VAELAB_REGISTRY": str(registry)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    vae = json.loads(result.stdout)["models"]["vae"]
+    speed = vae["images_per_s"]
+    assert min(speed.values()) > 0 and vae["ratio_lightning_to_plain"] == pytest.approx(speed["lightning"] / speed["plain"], abs=1e-3)
+    record = json.loads(registry.read_text())
+    assert record["setting"] == "speed_lightning" and record["figures"]["vae"].startswith(f"{speed['plain']:.0f} / ")
