@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from registry import append
+from registry import append, shared_option
 from vaelab.data import MNISTDataModule
 
 
@@ -40,8 +40,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1000, help="calls per round")
     parser.add_argument("--repeats", type=int, default=5, help="rounds")
     parser.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA_DIR", "data"))
-    parser.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
-                        help="record that other work shared the machine (--no-shared: it did not; default: unknown)")
+    shared_option(parser)
     args = parser.parse_args()
 
     datamodule = MNISTDataModule(args.data_dir, download=False)

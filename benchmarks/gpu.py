@@ -31,7 +31,7 @@ import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 
-from registry import append
+from registry import append, shared_option
 from vaelab.train import build
 from vaelab.utils import CONFIG_DIR
 
@@ -64,8 +64,9 @@ class EpochTimer(pl.Callback):
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:  # validation runs inside the training epoch: the steps end here
-            self.train.append(self._now(pl_module) - self._started)
-            self._started = self._now(pl_module)
+            now = self._now(pl_module)
+            self.train.append(now - self._started)
+            self._started = now
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
@@ -125,8 +126,7 @@ def main() -> None:
     parser.add_argument("--variant", nargs="+", default=[], help="overrides for every run, e.g. data.batch_size=512")
     parser.add_argument("--smoke", action="store_true", help="a few batches on whatever device there is; records nothing")
     parser.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA_DIR"))
-    parser.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
-                        help="record that other work shared the GPU (--no-shared: it did not; default: unknown)")
+    shared_option(parser)
     args = parser.parse_args()
     gpu = torch.cuda.is_available()
     if not gpu and not args.smoke:

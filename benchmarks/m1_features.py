@@ -24,7 +24,7 @@ import vaelab.utils  # noqa: F401  (registers the resolvers of saved run configs
 from vaelab.data.split import balanced_split
 from vaelab.models.m1m2 import ACTIVE_SPREAD, M1_SETTINGS, active_count, posterior_means
 from vaelab.utils.checkpoints import load_part
-from registry import append
+from registry import append, shared_option
 
 
 def features(model, datamodule, images: torch.Tensor) -> torch.Tensor:
@@ -71,8 +71,7 @@ def main() -> None:
     parser.add_argument("--split-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--epochs", type=int, default=5, help="epochs of the supervised MLP")
     parser.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA_DIR"))
-    parser.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
-                        help="record that other work shared the machine (--no-shared: it did not; default: unknown)")
+    shared_option(parser)
     args = parser.parse_args()
 
     cfg = run_config(args.checkpoint)

@@ -27,7 +27,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from matplotlib.figure import Figure
 
-from registry import PUBLISHED, append
+from registry import PUBLISHED, append, shared_option
 from vaelab.data.split import balanced_split
 from vaelab.train import build, train
 from vaelab.utils import CONFIG_DIR
@@ -82,8 +82,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA_DIR"))
     parser.add_argument("--out-dir", type=Path, default=PROJECT_ROOT / "benchmarks" / "results", help="where the curves go")
-    parser.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
-                        help="record that other work shared the machine (--no-shared: it did not; default: unknown)")
+    shared_option(parser)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. lit.optimizer.lr=1e-3")
     args = parser.parse_args()
     if args.threads:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from registry import PUBLISHED, append
+from registry import PUBLISHED, append, shared_option
 from vaelab.utils import CONFIG_DIR, checkpoints
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the source checkout
@@ -49,8 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", nargs="+", default=["m2_mnist_100", "vae_mnist"], choices=sorted(ROWS))
     parser.add_argument("--minutes", type=float, default=30.0, help="training budget per row")
     parser.add_argument("--iwae-k", type=int, default=5000, help="importance samples for the VAE's NLL")
-    parser.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
-                        help="record that other work shared the machine (--no-shared: it did not; default: unknown)")
+    shared_option(parser)
     # one value per flag, so that the overrides after it still reach train.py
     parser.add_argument("--eval", action="append", default=[], help="a Hydra override for evaluate.py only, e.g. eval.iwae_rows=5000 (repeat for more)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for train.py and evaluate.py, e.g. trainer=gpu")

@@ -20,6 +20,7 @@ say is null.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import hashlib
 import json
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from vaelab.utils.resolvers import cpu_flags
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REGISTRY = RESULTS / "registry.jsonl"
@@ -66,16 +69,13 @@ SPEED_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16
 def cpu() -> dict[str, Any]:
     """The CPU: model name, logical cores, torch's threads, the speed-relevant ISA features it
     has and any cap on what oneDNN may use (``ONEDNN_MAX_CPU_ISA``)."""
-    model, flags = platform.processor() or platform.machine(), set()
+    model = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:  # not Linux: the ISA is unknown
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), model)
+    except OSError:  # not Linux
         pass
+    flags = cpu_flags()
     return {
         "model": model,
         "cores": os.cpu_count(),
@@ -83,6 +83,12 @@ def cpu() -> dict[str, Any]:
         "isa": [name for flag, name in SPEED_FLAGS.items() if flag in flags],
         "isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA"),
     }
+
+
+def shared_option(parser: argparse.ArgumentParser) -> None:
+    """``--shared/--no-shared``: whether other work shared the machine during the run (``shared``)."""
+    parser.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
+                        help="record that other work shared the machine (--no-shared: it did not; default: unknown)")
 
 
 def machine() -> dict[str, Any]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import optuna
 
-from registry import append
+from registry import append, shared_option
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,8 +66,7 @@ def main() -> None:
     parser.add_argument("--validations", type=int, default=4, help="validations (pruning points) per trial")
     parser.add_argument("--val-batches", type=int, default=4, help="validation batches (of 500 images) each time")
     parser.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA_DIR"))
-    parser.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
-                        help="record that other work shared the machine (--no-shared: it did not; default: unknown)")
+    shared_option(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         results = {

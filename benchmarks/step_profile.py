@@ -29,7 +29,7 @@ from hydra import compose, initialize_config_dir
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from registry import append
+from registry import append, shared_option
 from vaelab.nets.conv import ConvFeatures
 from vaelab.train import build
 from vaelab.utils import CONFIG_DIR
@@ -122,8 +122,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12, help="ops listed from the profile")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA_DIR"))
-    parser.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
-                        help="record that other work shared the machine (--no-shared: it did not; default: unknown)")
+    shared_option(parser)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of every run, e.g. trainer.precision=32-true")
     args = parser.parse_args()
     if args.threads:

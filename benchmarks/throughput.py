@@ -32,7 +32,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from pytorch_lightning.loggers import CSVLogger
 
-from registry import append
+from registry import append, shared_option
 from vaelab import train
 from vaelab.utils import CONFIG_DIR
 
@@ -144,8 +144,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA_DIR"))
     parser.add_argument("--variant", nargs="+", default=[], help="overrides of an extra Lightning run, e.g. lit.compile=true")
-    parser.add_argument("--shared", action=argparse.BooleanOptionalAction, default=None,
-                        help="record that other work shared the machine (--no-shared: it did not; default: unknown)")
+    shared_option(parser)
     args = parser.parse_args()
 
     results = {}
