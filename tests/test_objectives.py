@@ -10,7 +10,7 @@ import torch
 from vaelab.elbo import dreg_surrogate, iwae_bound
 from vaelab.lit import LitModel
 from vaelab.models import M2, VAE
-from vaelab.objectives import ELBO, IWAE, DataFacts, SemiSupervised
+from vaelab.objectives import ELBO, IWAE, DataFacts, SemiSupervised, random_shift
 from vaelab.train import train
 from conftest import compose_config
 from test_lit import batches, fit
@@ -167,6 +167,42 @@ def test_kl_warm_up_reaches_both_of_m2s_bounds():
     assert torch.allclose(losses[0] - losses[1], lab.kl.mean() + unlab.kl.mean(), atol=1e-5)
 
 
+def test_random_shift_moves_each_image_by_its_own_offset_within_the_bound():
+    """Each image is its own translation by some (dy, dx) in [-2, 2]^2, edges repeated; the offsets vary."""
+    torch.manual_seed(0)
+    images = torch.rand(200, 3, 9, 9)
+    shifted = random_shift(images, 2)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="replicate")
+    offsets = []
+    for original, moved in zip(padded, shifted):
+        matches = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(original[:, dy:dy + 9, dx:dx + 9], moved)]
+        assert len(matches) == 1
+        offsets.append(matches[0])
+    assert len(set(offsets)) == 25  # every offset of the 5 x 5 drawn among 200 images
+    assert random_shift(images, 0) is images
+    with pytest.raises(ValueError, match="moves 9x9 images off their own frame"):
+        random_shift(images, 9)
+    with pytest.raises(ValueError, match=r"image batches of shape \(N, C, H, W\)"):
+        random_shift(images.flatten(1), 1)
+
+
+@pytest.mark.parametrize("unlabeled_weight", [1.0, 0.0])
+def test_labeled_shift_trains_on_shifted_labeled_images_and_leaves_the_unlabeled_alone(unlabeled_weight):
+    """The loss with labeled_shift equals the loss without it on labeled images shifted by the same
+    draws, in the semi-supervised objective and in its labels-alone baseline."""
+    m2 = tiny_m2()
+    (x, y), unlabeled = images(), (images()[0].flip(0), torch.full((6,), -1))
+    torch.manual_seed(7)
+    shifted_loss, _ = SemiSupervised(alpha=1.0, unlabeled_weight=unlabeled_weight, labeled_shift=1)(m2, {"labeled": (x, y), "unlabeled": unlabeled}, 0)
+    torch.manual_seed(7)
+    moved = random_shift(x, 1)
+    loss, _ = SemiSupervised(alpha=1.0, unlabeled_weight=unlabeled_weight)(m2, {"labeled": (moved, y), "unlabeled": unlabeled}, 0)
+    torch.manual_seed(7)
+    unshifted_loss, _ = SemiSupervised(alpha=1.0, unlabeled_weight=unlabeled_weight)(m2, {"labeled": (x, y), "unlabeled": unlabeled}, 0)
+    assert not torch.equal(moved, x)
+    assert torch.allclose(shifted_loss, loss) and not torch.allclose(shifted_loss, unshifted_loss)
+
+
 @pytest.mark.parametrize(
     ("build", "message"),
     [
@@ -179,6 +215,8 @@ def test_kl_warm_up_reaches_both_of_m2s_bounds():
         (lambda: SemiSupervised(class_balance=-1.0), "objective.class_balance must be >= 0"),
         (lambda: SemiSupervised(weighting="example"), "objective.weighting='example' must be 'batch' or 'data'"),
         (lambda: SemiSupervised(unlabeled_weight=-0.5), "objective.unlabeled_weight must be >= 0"),
+        (lambda: SemiSupervised(labeled_shift=-1), "objective.labeled_shift must be a whole number of pixels >= 0"),
+        (lambda: SemiSupervised(labeled_shift=1.5), "objective.labeled_shift must be a whole number of pixels >= 0"),
     ],
 )
 def test_objective_options_are_checked(build, message):

@@ -288,9 +288,9 @@ def test_m2_recipe_builds_and_the_papers_setting_is_one_override_away(quick_over
     assert isinstance(recipe.model.classifier.features, ConvFeatures)
     assert encoder_widths(recipe.model) == [500, 2 * 50]  # one hidden layer, then q(z|x)'s mean and scale
     assert encoder_widths(built(quick_overrides, "model=ssvae", "net=mlp", "data.labeled=100").model) == [500, 500, 100]
-    # objective=ssvae: its own alpha (not the paper's 0.1 N / N_lab = 50) and the class-balance term
+    # objective=ssvae: its own alpha (not the paper's 0.1 N / N_lab = 50), the class-balance term, shifted labels
     assert isinstance(recipe.objective, SemiSupervised)
-    assert (recipe.objective.alpha, recipe.objective.class_balance) == (10.0, 10.0)
+    assert (recipe.objective.alpha, recipe.objective.class_balance, recipe.objective.labeled_shift) == (10.0, 10.0, 2)
     assert recipe.configure_optimizers().param_groups[0]["lr"] == 1e-3 and recipe.stepping.gradient_clip_val == 5.0
     paper = built(quick_overrides, "experiment=m2_mnist_100")
     assert encoder_widths(paper.model) == [500, 100]
@@ -298,6 +298,7 @@ def test_m2_recipe_builds_and_the_papers_setting_is_one_override_away(quick_over
     assert not any(isinstance(layer, torch.nn.ReLU) for layer in paper.model.modules())
     assert not isinstance(paper.model.classifier.features, ConvFeatures)  # q(y|x) is the same MLP as the other networks
     assert paper.objective.alpha == pytest.approx(0.1 * 50_000 / 100) and paper.objective.class_balance == 0.0
+    assert paper.objective.labeled_shift == 0
     assert paper.configure_optimizers().param_groups[0]["lr"] == 3e-4 and paper.stepping.gradient_clip_val is None
     vae = built(quick_overrides, "model=vae")
     assert encoder_widths(vae.model) == [500, 500, 100] and isinstance(vae.objective, ELBO)  # no class-balance term

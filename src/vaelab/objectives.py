@@ -57,6 +57,24 @@ class DataFacts:
         )
 
 
+def random_shift(images: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Translate each image of an (N, C, H, W) batch by its own random offset (dy, dx), uniform
+    on {-pixels, ..., pixels}^2, repeating the edge pixels into the space it uncovers."""
+    if not pixels:
+        return images
+    if images.dim() != 4:
+        raise ValueError(f"objective.labeled_shift translates image batches of shape (N, C, H, W), got {tuple(images.shape)}.")
+    n, c, h, w = images.shape
+    if pixels >= min(h, w):
+        raise ValueError(f"objective.labeled_shift={pixels} moves {h}x{w} images off their own frame; use fewer pixels (e.g. 2).")
+    padded = F.pad(images, (pixels,) * 4, mode="replicate")
+    dy, dx = torch.randint(0, 2 * pixels + 1, (2, n, 1), device=images.device)
+    rows = (dy + torch.arange(h, device=images.device))[:, None, :, None]
+    cols = (dx + torch.arange(w, device=images.device))[:, None, None, :]
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    return padded[batch, torch.arange(c, device=images.device)[None, :, None, None], rows, cols]
+
+
 def model_kind(model: LatentModel) -> str:
     """The model in words, for messages: its class, and whether it is conditional."""
     conditional = model.num_classes is not None and not model.has_classifier
@@ -192,7 +210,9 @@ class SemiSupervised(KLWarmup, Objective):
     computed). ``alpha=None`` takes the paper's alpha = 0.1 * N / N_lab, resolved by ``check``
     from the data. ``class_balance`` = lambda > 0 penalises a classifier that gives some classes
     more than their share of the unlabeled batch (``elbo.marginal_kl``). ``kl_warmup_steps`` as
-    in ``ELBO``, in both bounds."""
+    in ``ELBO``, in both bounds. ``labeled_shift`` = s > 0 translates every labeled image by a
+    fresh random offset of up to s pixels each step (``random_shift``), in L(x,y) and CE alike:
+    the labels are few, their translations many. Unlabeled images and evaluation are untouched."""
 
     name = "semisupervised"
 
@@ -203,6 +223,7 @@ class SemiSupervised(KLWarmup, Objective):
         unlabeled_weight: float = 1.0,
         class_balance: float = 0.0,
         kl_warmup_steps: int = 0,
+        labeled_shift: int = 0,
     ) -> None:
         super().__init__(kl_warmup_steps)
         if alpha is not None and not alpha >= 0:
@@ -213,6 +234,9 @@ class SemiSupervised(KLWarmup, Objective):
             raise ValueError(f"objective.unlabeled_weight must be >= 0, got {unlabeled_weight}.")
         if not class_balance >= 0:
             raise ValueError(f"objective.class_balance must be >= 0, got {class_balance}.")
+        if isinstance(labeled_shift, bool) or not isinstance(labeled_shift, int) or labeled_shift < 0:
+            raise ValueError(f"objective.labeled_shift must be a whole number of pixels >= 0 (0: off), got {labeled_shift!r}.")
+        self.labeled_shift = labeled_shift
         self._alpha = alpha  # as configured; ``alpha`` as resolved by ``check``
         self.alpha, self.weighting, self.unlabeled_weight, self.class_balance = alpha, weighting, unlabeled_weight, class_balance
         self.labeled_share: float | None = None
@@ -239,6 +263,7 @@ class SemiSupervised(KLWarmup, Objective):
 
     def __call__(self, model: LatentModel, batch, step: int) -> tuple[torch.Tensor, Metrics]:
         (x_lab, y_lab), (x_unlab, _) = batch["labeled"], batch["unlabeled"]
+        x_lab = random_shift(x_lab, self.labeled_shift)
         lab = model.bound(x_lab, y_lab)
         lab_bound = self.warmed(lab, step).mean()
         w_lab, w_unlab = (self.labeled_share, 1 - self.labeled_share) if self.weighting == "data" else (1, 1)
