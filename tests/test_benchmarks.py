@@ -101,3 +101,14 @@ def test_throughput_compares_lightning_with_a_plain_loop_and_records_it(mnist_di
     assert min(speed.values()) > 0 and vae["ratio_lightning_to_plain"] == pytest.approx(speed["lightning"] / speed["plain"], abs=1e-3)
     record = json.loads(registry.read_text())
     assert record["setting"] == "speed_lightning" and record["figures"]["vae"].startswith(f"{speed['plain']:.0f} / ")
+
+
+def test_pyro_m2_reads_the_epochs_and_validation_accuracies_pyros_example_prints():
+    """The lines of ss_vae_M2.py (Pyro 1.9.1) at the end of each epoch, among its other output."""
+    lines = [
+        (3.0, "UserWarning: some warning"),
+        (61.5, "0 epoch: avg losses 120.5 -0.02 99.1 validation accuracy 0.6521 test accuracy 0.6601"),
+        (122.0, "1 epoch: avg losses 110.2 -0.01 95.3 validation accuracy 0.7110 test accuracy 0.7003"),
+        (130.0, "best validation accuracy 0.7110 corresponding testing accuracy 0.7003 last testing accuracy 0.7003"),
+    ]
+    assert load("pyro_m2").pyro_epochs(lines) == [(61.5, 0.6521), (122.0, 0.711)]

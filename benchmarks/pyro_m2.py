@@ -1,0 +1,101 @@
+"""M2 beside Pyro's ``examples/vae/ss_vae_M2.py`` (Pyro 1.9.1), side by side on one core each for
+the same minutes: seconds per epoch (each with its own validation) and validation accuracy against
+minutes. Pyro runs its example's documented settings (``EXAMPLE_RUN`` there) with 100 labels; vaelab
+runs ``benchmarks/m2_mnist.py`` (model=ssvae), which appends its own record. Prints JSON and appends
+a record of Pyro's run, with the ratio of the two epoch times, to the results registry.
+
+    pip install pyro-ppl==1.9.1                     # the example is not in the wheel:
+    git clone --depth 1 --branch 1.9.1 https://github.com/pyro-ppl/pyro /tmp/pyro
+    python benchmarks/pyro_m2.py --example /tmp/pyro/examples/vae/ss_vae_M2.py --minutes 10
+
+The example reads MNIST from ``<example>/utils/.data/MNIST/raw``; the script links ``--data-dir``'s
+files there when that directory is missing, so both read the same files offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from registry import append
+
+ROOT = Path(__file__).resolve().parents[1]
+# the example's own documented run (EXAMPLE_RUN in ss_vae_M2.py), on the CPU, 100 labels
+PYRO_SETTINGS = ["--seed", "0", "--aux-loss", "-alm", "46", "-enum", "parallel", "-zd", "50", "-hl", "500",
+                 "-lr", "0.00042", "-b1", "0.95", "-bs", "200", "-n", "100000"]
+EPOCH_LINE = re.compile(r"^(\d+) epoch: .*validation accuracy ([0-9.]+)")
+
+
+def pyro_epochs(lines: list[tuple[float, str]]) -> list[tuple[float, float]]:
+    """(seconds since the start, validation accuracy) at the end of each epoch Pyro printed."""
+    return [(seconds, float(match.group(2))) for seconds, line in lines if (match := EPOCH_LINE.match(line))]
+
+
+def timed_lines(process: subprocess.Popen, start: float, into: list[tuple[float, str]]) -> None:
+    for line in process.stdout:
+        into.append((time.perf_counter() - start, line.strip()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--example", type=Path, required=True, help="Pyro 1.9.1's examples/vae/ss_vae_M2.py")
+    parser.add_argument("--minutes", type=float, default=10.0, help="each run's budget")
+    parser.add_argument("--labeled", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
+    parser.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA_DIR", str(ROOT / "data")), help="holds MNIST/raw")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of vaelab's run")
+    args = parser.parse_args()
+    if not args.example.is_file():
+        sys.exit(f"{args.example} is not a file: pass Pyro 1.9.1's examples/vae/ss_vae_M2.py (see --help).")
+    linked = args.example.parent / "utils" / ".data" / "MNIST"
+    if not linked.exists():
+        linked.parent.mkdir(parents=True, exist_ok=True)
+        linked.symlink_to(Path(args.data_dir).resolve() / "MNIST")
+    env = {**{k: v for k, v in os.environ.items() if k != "CI"}, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
+    pyro = subprocess.Popen([sys.executable, args.example.name, *PYRO_SETTINGS, "-sup", str(args.labeled)], cwd=args.example.parent,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(target=timed_lines, args=(pyro, start, lines), daemon=True)
+    reader.start()
+    ours = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "m2_mnist.py"), "--labeled", str(args.labeled),
+                           "--max-minutes", f"{args.minutes:g}", "--threads", str(args.threads), "--data-dir", args.data_dir,
+                           "--shared", *args.overrides],
+                          env=env, capture_output=True, text=True)
+    remaining = args.minutes * 60 - (time.perf_counter() - start)
+    if remaining > 0 and pyro.poll() is None:
+        time.sleep(remaining)
+    pyro.terminate()
+    pyro.wait()
+    reader.join(timeout=10)
+    if ours.returncode:
+        sys.exit(f"vaelab's run failed:\n{ours.stderr[-3000:]}")
+    epochs = pyro_epochs(lines)
+    if not epochs:
+        tail = "\n".join(line for _, line in lines[-20:])
+        sys.exit(f"Pyro's example finished no epoch in {args.minutes:g} minutes; its last output:\n{tail}")
+    record = json.loads(ours.stdout[ours.stdout.index("{"):])
+    pyro_epoch = epochs[-1][0] / len(epochs)
+    figures = {
+        "pyro_seconds_per_epoch": round(pyro_epoch, 1),
+        "vaelab_seconds_per_epoch": record["figures"]["seconds_per_epoch"],
+        "epoch_speed_vs_pyro": round(pyro_epoch / record["figures"]["seconds_per_epoch"], 2),
+        "pyro_val_acc": {f"{seconds / 60:.1f} min": round(100 * acc, 1) for seconds, acc in epochs},
+        "vaelab_record": record["id"],
+        "vaelab_minutes_to_val_acc": record["figures"]["minutes_to_val_acc"],
+    }
+    print(json.dumps(append("pyro_m2.py", figures, precision="32-true", budget=f"{args.minutes:g} minutes each, side by side",
+                            shared=True, setting="speed_pyro", split_seeds=[0],
+                            notes=f"Pyro: python ss_vae_M2.py {' '.join(PYRO_SETTINGS)} -sup {args.labeled} (its own split of the labels)"),
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()
