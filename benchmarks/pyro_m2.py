@@ -84,6 +84,7 @@ def main() -> None:
     record = json.loads(ours.stdout[ours.stdout.index("{"):])
     pyro_epoch = epochs[-1][0] / len(epochs)
     figures = {
+        "metric": "seconds per epoch, validation included, one core each: Pyro's example, vaelab (Pyro's over vaelab's)",
         "pyro_seconds_per_epoch": round(pyro_epoch, 1),
         "vaelab_seconds_per_epoch": record["figures"]["seconds_per_epoch"],
         "epoch_speed_vs_pyro": round(pyro_epoch / record["figures"]["seconds_per_epoch"], 2),
