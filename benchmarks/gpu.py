@@ -94,8 +94,8 @@ def epoch_time(overrides: list[str]) -> dict[str, float]:
     trainer.fit(module, datamodule=datamodule)
     images = trainer.num_training_batches * cfg.data.batch_size  # per epoch; M2/SDGM: the unlabeled part
     return {
-        "train_epoch_s": round(timer.train[-1], 3),
-        "val_epoch_s": round(timer.val[-1], 3),
+        "train_epoch_s": float(f"{timer.train[-1]:.4g}"),
+        "val_epoch_s": float(f"{timer.val[-1]:.4g}"),
         "images_per_s": round(images / timer.train[-1], 1),
         "steps_per_epoch": trainer.num_training_batches,
         "precision": str(cfg.trainer.precision),
