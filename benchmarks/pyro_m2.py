@@ -81,7 +81,8 @@ def main() -> None:
     if not epochs:
         tail = "\n".join(line for _, line in lines[-20:])
         sys.exit(f"Pyro's example finished no epoch in {args.minutes:g} minutes; its last output:\n{tail}")
-    record = json.loads(ours.stdout[ours.stdout.index("{"):])
+    # m2_mnist.py prints its record last, the top-level brace on a line of its own (progress output may hold braces)
+    record = json.loads(ours.stdout[ours.stdout.rfind("\n{\n") + 1:])
     pyro_epoch = epochs[-1][0] / len(epochs)
     figures = {
         "metric": "seconds per epoch, validation included, one core each: Pyro's example, vaelab (Pyro's over vaelab's)",
