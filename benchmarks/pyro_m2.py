@@ -1,14 +1,16 @@
 """M2 beside Pyro's ``examples/vae/ss_vae_M2.py`` (Pyro 1.9.1), side by side on one core each for
 the same minutes: seconds per epoch (each with its own validation) and validation accuracy against
-minutes. Pyro runs its example's documented settings (``EXAMPLE_RUN`` there) with 100 labels; vaelab
+minutes. Pyro runs its example's documented settings (``EXAMPLE_RUN`` there) with 100 labels and the
+largest batch up to its 200 that the example accepts (it needs the batch size to divide the labeled,
+validation and training counts: 100 for 100 labels); vaelab
 runs ``benchmarks/m2_mnist.py`` (model=ssvae), which appends its own record. Prints JSON and appends
 a record of Pyro's run, with the ratio of the two epoch times, to the results registry.
 
-    pip install pyro-ppl==1.9.1                     # the example is not in the wheel:
+    pip install pyro-ppl==1.9.1 visdom              # the example imports visdom; it is not in the wheel:
     git clone --depth 1 --branch 1.9.1 https://github.com/pyro-ppl/pyro /tmp/pyro
     python benchmarks/pyro_m2.py --example /tmp/pyro/examples/vae/ss_vae_M2.py --minutes 10
 
-The example reads MNIST from ``<example>/utils/.data/MNIST/raw``; the script links ``--data-dir``'s
+The example reads MNIST from ``<example>/utils/.data/MNISTCached/raw``; the script links ``--data-dir``'s
 files there when that directory is missing, so both read the same files offline.
 """
 
@@ -20,6 +22,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,8 +32,15 @@ from registry import append
 ROOT = Path(__file__).resolve().parents[1]
 # the example's own documented run (EXAMPLE_RUN in ss_vae_M2.py), on the CPU, 100 labels
 PYRO_SETTINGS = ["--seed", "0", "--aux-loss", "-alm", "46", "-enum", "parallel", "-zd", "50", "-hl", "500",
-                 "-lr", "0.00042", "-b1", "0.95", "-bs", "200", "-n", "100000"]
+                 "-lr", "0.00042", "-b1", "0.95", "-n", "100000"]
+PYRO_BATCH, PYRO_VALIDATION = 200, 10_000
 EPOCH_LINE = re.compile(r"^(\d+) epoch: .*validation accuracy ([0-9.]+)")
+
+
+def pyro_batch_size(labeled: int) -> int:
+    """The largest batch up to the example's 200 that divides the labeled and validation counts
+    (and so the 50,000 training images), as the example asserts."""
+    return max(b for b in range(1, PYRO_BATCH + 1) if labeled % b == 0 and PYRO_VALIDATION % b == 0)
 
 
 def pyro_epochs(lines: list[tuple[float, str]]) -> list[tuple[float, float]]:
@@ -54,35 +64,48 @@ def main() -> None:
     args = parser.parse_args()
     if not args.example.is_file():
         sys.exit(f"{args.example} is not a file: pass Pyro 1.9.1's examples/vae/ss_vae_M2.py (see --help).")
-    linked = args.example.parent / "utils" / ".data" / "MNIST"
-    if not linked.exists():
+    linked = args.example.parent / "utils" / ".data" / "MNISTCached" / "raw"  # torchvision's folder for the class MNISTCached
+    if not linked.exists() or (linked.is_dir() and not any(linked.iterdir())):
         linked.parent.mkdir(parents=True, exist_ok=True)
-        linked.symlink_to(Path(args.data_dir).resolve() / "MNIST")
+        if linked.is_dir():
+            linked.rmdir()
+        linked.symlink_to(Path(args.data_dir).resolve() / "MNIST" / "raw")
     env = {**{k: v for k, v in os.environ.items() if k != "CI"}, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
-    pyro = subprocess.Popen([sys.executable, args.example.name, *PYRO_SETTINGS, "-sup", str(args.labeled)], cwd=args.example.parent,
+    pyro_args = [*PYRO_SETTINGS, "-bs", str(pyro_batch_size(args.labeled)), "-sup", str(args.labeled)]
+    pyro = subprocess.Popen([sys.executable, args.example.name, *pyro_args], cwd=args.example.parent,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[tuple[float, str]] = []
     reader = threading.Thread(target=timed_lines, args=(pyro, start, lines), daemon=True)
     reader.start()
-    ours = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "m2_mnist.py"), "--labeled", str(args.labeled),
-                           "--max-minutes", f"{args.minutes:g}", "--threads", str(args.threads), "--data-dir", args.data_dir,
-                           "--shared", *args.overrides],
-                          env=env, capture_output=True, text=True)
-    remaining = args.minutes * 60 - (time.perf_counter() - start)
-    if remaining > 0 and pyro.poll() is None:
-        time.sleep(remaining)
-    pyro.terminate()
-    pyro.wait()
-    reader.join(timeout=10)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        ours = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "m2_mnist.py"), "--labeled", str(args.labeled),
+                                 "--max-minutes", f"{args.minutes:g}", "--threads", str(args.threads), "--data-dir", args.data_dir,
+                                 "--shared", *args.overrides], env=env, stdout=out, stderr=err, text=True)
+        while ours.poll() is None and pyro.poll() in (None, 0):
+            time.sleep(1)
+        if pyro.returncode:  # failed before its budget: stop ours rather than spend the minutes
+            ours.terminate()
+            ours.wait()
+            reader.join(timeout=10)
+            tail = "\n".join(line for _, line in lines[-20:])
+            sys.exit(f"Pyro's example failed (exit code {pyro.returncode}); its last output:\n{tail}")
+        remaining = args.minutes * 60 - (time.perf_counter() - start)
+        if remaining > 0 and pyro.poll() is None:
+            time.sleep(remaining)
+        pyro.terminate()
+        pyro.wait()
+        reader.join(timeout=10)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if ours.returncode:
-        sys.exit(f"vaelab's run failed:\n{ours.stderr[-3000:]}")
+        sys.exit(f"vaelab's run failed:\n{stderr[-3000:]}")
     epochs = pyro_epochs(lines)
     if not epochs:
         tail = "\n".join(line for _, line in lines[-20:])
         sys.exit(f"Pyro's example finished no epoch in {args.minutes:g} minutes; its last output:\n{tail}")
     # m2_mnist.py prints its record last, the top-level brace on a line of its own (progress output may hold braces)
-    record = json.loads(ours.stdout[ours.stdout.rfind("\n{\n") + 1:])
+    record = json.loads(stdout[stdout.rfind("\n{\n") + 1:])
     pyro_epoch = epochs[-1][0] / len(epochs)
     figures = {
         "metric": "seconds per epoch, validation included, one core each: Pyro's example, vaelab (Pyro's over vaelab's)",
@@ -95,7 +118,7 @@ def main() -> None:
     }
     print(json.dumps(append("pyro_m2.py", figures, precision="32-true", budget=f"{args.minutes:g} minutes each, side by side",
                             shared=True, setting="speed_pyro", split_seeds=[0],
-                            notes=f"Pyro: python ss_vae_M2.py {' '.join(PYRO_SETTINGS)} -sup {args.labeled} (its own split of the labels)"),
+                            notes=f"Pyro: python ss_vae_M2.py {' '.join(pyro_args)} (its own split of the labels)"),
                      indent=2))
 
 

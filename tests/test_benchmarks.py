@@ -112,3 +112,22 @@ def test_pyro_m2_reads_the_epochs_and_validation_accuracies_pyros_example_prints
         (130.0, "best validation accuracy 0.7110 corresponding testing accuracy 0.7003 last testing accuracy 0.7003"),
     ]
     assert load("pyro_m2").pyro_epochs(lines) == [(61.5, 0.6521), (122.0, 0.711)]
+
+
+def test_pyro_m2_gives_pyros_example_the_largest_batch_it_accepts():
+    """The example asserts that its batch divides the labeled count and the 10,000 validation images."""
+    batch = load("pyro_m2").pyro_batch_size
+    assert [batch(n) for n in (100, 600, 1000, 3000, 50, 30)] == [100, 200, 200, 200, 50, 10]
+
+
+def test_pyro_m2_stops_at_once_with_the_output_of_an_example_that_fails(mnist_dir, tmp_path):
+    """A broken Pyro install ends the comparison in seconds, saying why, and records nothing."""
+    example = tmp_path / "examples" / "vae" / "ss_vae_M2.py"
+    example.parent.mkdir(parents=True)
+    example.write_text('import sys\nprint("ModuleNotFoundError: No module named \'visdom\'")\nsys.exit(3)\n')
+    registry = tmp_path / "registry.jsonl"
+    result = run_script("benchmarks/pyro_m2.py", "--example", str(example), "--minutes", "5", "--data-dir", str(mnist_dir),
+                        env={"VAELAB_REGISTRY": str(registry)})
+    assert result.returncode == 1 and "exit code 3" in result.stderr and "visdom" in result.stderr
+    assert (example.parent / "utils" / ".data" / "MNISTCached" / "raw" / "train-images-idx3-ubyte").is_file()
+    assert not registry.exists()
