@@ -1,17 +1,20 @@
 """M2 beside Pyro's ``examples/vae/ss_vae_M2.py`` (Pyro 1.9.1), side by side on one core each for
 the same minutes: seconds per epoch (each with its own validation) and validation accuracy against
 minutes. Pyro runs its example's documented settings (``EXAMPLE_RUN`` there) with 100 labels and the
-largest batch up to its 200 that the example accepts (it needs the batch size to divide the labeled,
-validation and training counts: 100 for 100 labels); vaelab
-runs ``benchmarks/m2_mnist.py`` (model=ssvae), which appends its own record. Prints JSON and appends
-a record of Pyro's run, with the ratio of the two epoch times, to the results registry.
+largest batch up to its 200 that the example accepts (it needs the batch to divide the labeled,
+validation and training counts: 100 for 100 labels). vaelab runs ``benchmarks/m2_mnist.py``
+(model=ssvae, and any Hydra overrides given), which appends its own record; its curves go to
+``outputs/benchmarks/pyro_m2``. Prints JSON and appends a record of Pyro's run, with the ratio of
+the two epoch times, to the results registry. If the example fails, the script stops at once with
+its output.
 
-    pip install pyro-ppl==1.9.1 visdom              # the example imports visdom; it is not in the wheel:
-    git clone --depth 1 --branch 1.9.1 https://github.com/pyro-ppl/pyro /tmp/pyro
+    pip install pyro-ppl==1.9.1 visdom       # the example imports visdom
+    git clone --depth 1 --branch 1.9.1 https://github.com/pyro-ppl/pyro /tmp/pyro   # it is not in the wheel
     python benchmarks/pyro_m2.py --example /tmp/pyro/examples/vae/ss_vae_M2.py --minutes 10
+    python benchmarks/pyro_m2.py --example /tmp/pyro/examples/vae/ss_vae_M2.py --minutes 10 model.classifier_net=null  # its layer sizes
 
 The example reads MNIST from ``<example>/utils/.data/MNISTCached/raw``; the script links ``--data-dir``'s
-files there when that directory is missing, so both read the same files offline.
+files there when that directory is missing or empty, so both read the same files offline.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import torch
 
 from registry import append
 
@@ -62,6 +67,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA_DIR", str(ROOT / "data")), help="holds MNIST/raw")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of vaelab's run")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)  # as each run's: the record names the threads from torch
     if not args.example.is_file():
         sys.exit(f"{args.example} is not a file: pass Pyro 1.9.1's examples/vae/ss_vae_M2.py (see --help).")
     linked = args.example.parent / "utils" / ".data" / "MNISTCached" / "raw"  # torchvision's folder for the class MNISTCached
@@ -81,7 +87,7 @@ def main() -> None:
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         ours = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "m2_mnist.py"), "--labeled", str(args.labeled),
                                  "--max-minutes", f"{args.minutes:g}", "--threads", str(args.threads), "--data-dir", args.data_dir,
-                                 "--shared", *args.overrides], env=env, stdout=out, stderr=err, text=True)
+                                 "--out-dir", str(ROOT / "outputs" / "benchmarks" / "pyro_m2"), "--shared", *args.overrides], env=env, stdout=out, stderr=err, text=True)
         while ours.poll() is None and pyro.poll() in (None, 0):
             time.sleep(1)
         if pyro.returncode:  # failed before its budget: stop ours rather than spend the minutes
@@ -112,12 +118,13 @@ def main() -> None:
         "pyro_seconds_per_epoch": round(pyro_epoch, 1),
         "vaelab_seconds_per_epoch": record["figures"]["seconds_per_epoch"],
         "epoch_speed_vs_pyro": round(pyro_epoch / record["figures"]["seconds_per_epoch"], 2),
-        "pyro_val_acc": {f"{seconds / 60:.1f} min": round(100 * acc, 1) for seconds, acc in epochs},
+        "pyro_minutes": [round(seconds / 60, 1) for seconds, _ in epochs],
+        "pyro_val_acc": [round(100 * acc, 1) for _, acc in epochs],
         "vaelab_record": record["id"],
         "vaelab_minutes_to_val_acc": record["figures"]["minutes_to_val_acc"],
     }
     print(json.dumps(append("pyro_m2.py", figures, precision="32-true", budget=f"{args.minutes:g} minutes each, side by side",
-                            shared=True, setting="speed_pyro", split_seeds=[0],
+                            shared=True, setting="speed_pyro", split_seeds=[0], overrides=args.overrides, variant=" ".join(args.overrides) or None,
                             notes=f"Pyro: python ss_vae_M2.py {' '.join(pyro_args)} (its own split of the labels)"),
                      indent=2))
 

@@ -5,7 +5,7 @@ step: the work Lightning wraps) in alternating rounds for the config and each va
 (the convolutional classifier in the NCHW layout instead of channels-last) and any ``--variant``
 of Hydra overrides. Prints JSON: ms per step and the speed-up of each variant, the step's FLOPs
 (``torch.utils.flop_counter``; forward and backward) and rate against this CPU's float32 GEMM rate
-(1024 x 1024 matrices) at the same threads, the share of the convolutional classifier, one
+(1024 x 1024 matrices) at the same threads, taken in each round, the share of the convolutional classifier, one
 validation pass, the epoch it implies, and the ops that take the most time (``torch.profiler``).
 Appends one record to the results registry (``registry.py``).
 
@@ -93,12 +93,12 @@ class Step:
         return time.perf_counter() - start
 
 
-def gemm_rate() -> float:
+def gemm_rate(n: int = 20) -> float:
     """float32 GFLOP/s of a 1024 x 1024 matrix product at torch's threads."""
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     for _ in range(3):
         a @ b
-    start, n = time.perf_counter(), 20
+    start = time.perf_counter()
     for _ in range(n):
         a @ b
     return 2 * 1024**3 * n / (time.perf_counter() - start) / 1e9
@@ -137,15 +137,19 @@ def main() -> None:
         steps["variant"] = Step([*base, *args.variant])
     for step in steps.values():  # warm up: allocations, oneDNN's kernel choices
         step.seconds(5)
+    # the GEMM rate is taken in every round beside the steps: on a shared or drifting machine a rate
+    # measured once, before or after, is not the rate the steps ran at
     rounds: dict[str, list[float]] = {name: [] for name in steps}
+    gemm_rounds: list[float] = []
     for round_ in range(args.repeats):
+        gemm_rounds.append(gemm_rate())
         for name in list(steps) if round_ % 2 == 0 else list(steps)[::-1]:
             rounds[name].append(steps[name].seconds(args.steps))
     ms = {name: statistics.median(values) * 1000 for name, values in rounds.items()}
 
     config = steps["config"]
     gflop, conv_share = flops(config)
-    rate = gemm_rate()
+    rate = statistics.median(gemm_rounds)
     validation = config.validation_seconds()
     per_epoch = len(config.datamodule.train_dataloader()) if config.datamodule.labeled is None else len(config.datamodule.unlabeled_set) // config.cfg.data.batch_size
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
@@ -161,7 +165,9 @@ def main() -> None:
         "conv_share_of_flops": round(conv_share, 3),
         "gflops": round(gflop / ms["config"] * 1000, 1),
         "gemm_gflops": round(rate, 1),
+        "gemm_gflops_rounds": [round(v, 1) for v in gemm_rounds],
         "share_of_gemm_rate": round(gflop / ms["config"] * 1000 / rate, 3),
+        "share_of_gemm_rate_rounds": [round(gflop / step / rate_, 3) for step, rate_ in zip(rounds["config"], gemm_rounds)],
         "validation_s": round(validation, 1),
         "steps_per_epoch": per_epoch,
         "epoch_s": round(per_epoch * ms["config"] / 1000 + validation, 1),

@@ -131,3 +131,17 @@ def test_pyro_m2_stops_at_once_with_the_output_of_an_example_that_fails(mnist_di
     assert result.returncode == 1 and "exit code 3" in result.stderr and "visdom" in result.stderr
     assert (example.parent / "utils" / ".data" / "MNISTCached" / "raw" / "train-images-idx3-ubyte").is_file()
     assert not registry.exists()
+
+
+def test_step_profile_takes_the_gemm_rate_in_every_round_beside_the_steps(mnist_dir, tmp_path):
+    registry = tmp_path / "registry.jsonl"
+    result = run_script("benchmarks/step_profile.py", "--model", "vae", "--steps", "2", "--repeats", "3", "--top", "3",
+                        "--data-dir", str(mnist_dir), "--variant", "lit.optimizer.fused=null", env={"VAELAB_REGISTRY": str(registry)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout)
+    gemm, steps = figures["gemm_gflops_rounds"], figures["ms_per_step_rounds"]
+    assert len(gemm) == len(steps["config"]) == len(steps["variant"]) == 3 and figures["gemm_gflops"] == sorted(gemm)[1]
+    per_round = [figures["gflop_per_step"] / (ms / 1000) / rate for ms, rate in zip(steps["config"], gemm)]
+    assert figures["share_of_gemm_rate_rounds"] == pytest.approx(per_round, rel=0.05)
+    record = json.loads(registry.read_text())
+    assert record["setting"] == "speed_step_vae" and record["variant"] == "lit.optimizer.fused=null"

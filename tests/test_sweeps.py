@@ -86,6 +86,19 @@ def test_search_space_is_written_in_hydra_override_syntax():
         search_space(["data.batch_size=shuffle(range(32, 129, 32))"])
 
 
+def test_the_m2_search_space_names_settings_of_m2_and_parses():
+    """Every parameter of hparams_search=ssvae_optuna is a key of the config it sweeps (a misspelt
+    key would add a setting nothing reads) and becomes an Optuna distribution."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["hparams_search=ssvae_optuna"], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    space, fixed = search_space([f"{key}={value}" for key, value in params.items()])
+    assert not fixed and set(space) == set(params)
+    assert all(OmegaConf.select(cfg, key, default="missing") != "missing" for key in params)
+    assert space["objective.labeled_shift"] == optuna.distributions.CategoricalDistribution([0, 1, 2, 3])
+    assert space["lit.optimizer.lr"] == optuna.distributions.FloatDistribution(1e-4, 3e-3, log=True)
+
+
 def test_a_search_without_a_pruner_prunes_nothing():
     assert isinstance(OptunaSearch("s", None, "maximize", 1, pruner=None).pruner, optuna.pruners.NopPruner)
     with pytest.raises(ValueError, match="at least one trial"):
