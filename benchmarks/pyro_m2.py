@@ -5,7 +5,7 @@ largest batch up to its 200 that the example accepts (it needs the batch to divi
 validation and training counts: 100 for 100 labels). vaelab runs ``benchmarks/m2_mnist.py``
 (model=ssvae, and any Hydra overrides given), which appends its own record; its curves go to
 ``outputs/benchmarks/pyro_m2``. Prints JSON and appends a record of Pyro's run, with the ratio of
-the two epoch times, to the results registry. If the example fails, the script stops at once with
+the two epoch times, to the results registry. If either run fails, the script stops both at once with
 its output.
 
     pip install pyro-ppl==1.9.1 visdom       # the example imports visdom
@@ -87,25 +87,28 @@ def main() -> None:
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         ours = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "m2_mnist.py"), "--labeled", str(args.labeled),
                                  "--max-minutes", f"{args.minutes:g}", "--threads", str(args.threads), "--data-dir", args.data_dir,
-                                 "--out-dir", str(ROOT / "outputs" / "benchmarks" / "pyro_m2"), "--shared", *args.overrides], env=env, stdout=out, stderr=err, text=True)
+                                 "--out-dir", str(ROOT / "outputs" / "benchmarks" / "pyro_m2"), "--shared", *args.overrides],
+                                env=env, stdout=out, stderr=err, text=True)
         while ours.poll() is None and pyro.poll() in (None, 0):
             time.sleep(1)
-        if pyro.returncode:  # failed before its budget: stop ours rather than spend the minutes
-            ours.terminate()
-            ours.wait()
+        pyro_failed = pyro.returncode
+        if pyro_failed or ours.returncode:  # one failed: stop the other rather than spend the minutes
+            for process in (pyro, ours):
+                process.terminate()
+                process.wait()
             reader.join(timeout=10)
+            err.seek(0)
             tail = "\n".join(line for _, line in lines[-20:])
-            sys.exit(f"Pyro's example failed (exit code {pyro.returncode}); its last output:\n{tail}")
+            sys.exit(f"Pyro's example failed (exit code {pyro_failed}); its last output:\n{tail}" if pyro_failed
+                     else f"vaelab's run failed:\n{err.read()[-3000:]}")
         remaining = args.minutes * 60 - (time.perf_counter() - start)
         if remaining > 0 and pyro.poll() is None:
             time.sleep(remaining)
         pyro.terminate()
         pyro.wait()
         reader.join(timeout=10)
-        out.seek(0), err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if ours.returncode:
-        sys.exit(f"vaelab's run failed:\n{stderr[-3000:]}")
+        out.seek(0)
+        stdout = out.read()
     epochs = pyro_epochs(lines)
     if not epochs:
         tail = "\n".join(line for _, line in lines[-20:])

@@ -145,3 +145,14 @@ def test_step_profile_takes_the_gemm_rate_in_every_round_beside_the_steps(mnist_
     assert figures["share_of_gemm_rate_rounds"] == pytest.approx(per_round, rel=0.05)
     record = json.loads(registry.read_text())
     assert record["setting"] == "speed_step_vae" and record["variant"] == "lit.optimizer.fused=null"
+
+
+def test_pyro_m2_stops_pyros_example_when_vaelabs_run_fails(mnist_dir, tmp_path):
+    """A bad override ends the comparison with vaelab's error, without waiting out Pyro's minutes."""
+    example = tmp_path / "ss_vae_M2.py"
+    example.write_text("import time\ntime.sleep(600)\n")
+    registry = tmp_path / "registry.jsonl"
+    result = run_script("benchmarks/pyro_m2.py", "--example", str(example), "--minutes", "10", "--data-dir", str(mnist_dir),
+                        "model.z_dim=0", env={"VAELAB_REGISTRY": str(registry)}, timeout=120)
+    assert result.returncode == 1 and "vaelab's run failed" in result.stderr and "z_dim must be a positive integer" in result.stderr
+    assert not registry.exists()
