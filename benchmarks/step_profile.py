@@ -5,8 +5,8 @@ step: the work Lightning wraps) in alternating rounds for the config and each va
 (the convolutional classifier in the NCHW layout instead of channels-last) and any ``--variant``
 of Hydra overrides. Prints JSON: ms per step and the speed-up of each variant, the step's FLOPs
 (``torch.utils.flop_counter``; forward and backward) and rate against this CPU's float32 GEMM rate
-(1024 x 1024 matrices) at the same threads, taken in each round, the share of the convolutional classifier, one
-validation pass, the epoch it implies, and the ops that take the most time (``torch.profiler``).
+(1024 x 1024 matrices) at the same threads, taken in each round, the share of the convolutional
+classifier, one validation pass, the epoch it implies, and the ops that take the most time (``torch.profiler``).
 Appends one record to the results registry (``registry.py``).
 
     python benchmarks/step_profile.py --model ssvae
@@ -93,12 +93,12 @@ class Step:
         return time.perf_counter() - start
 
 
-def gemm_rate(n: int = 20) -> float:
+def gemm_rate() -> float:
     """float32 GFLOP/s of a 1024 x 1024 matrix product at torch's threads."""
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     for _ in range(3):
         a @ b
-    start = time.perf_counter()
+    start, n = time.perf_counter(), 20
     for _ in range(n):
         a @ b
     return 2 * 1024**3 * n / (time.perf_counter() - start) / 1e9
