@@ -9,6 +9,9 @@ bf16-mixed) and clips gradients as the recipe does. M2 (ssvae), ADGM and SDGM tr
 (unlabeled images for the semi-supervised models) and the ratios, per model, and M2's step time over the VAE's.
 ``--variant`` adds a Lightning run with more overrides to the same rounds (e.g.
 ``lit.compile=true`` or ``trainer.precision=bf16-mixed``) and reports its speed-up over the default Lightning run.
+Where Lightning's step is longer, it says what the extra time goes to: the finiteness guard that
+``vaelab.lit.LitModel`` runs around each step (timed in the Lightning runs), Lightning's own loop
+and hooks (bare minus plain minus the guard), and the CSV logger and progress bar (as run minus bare).
 Appends one record to the results registry (``registry.py``).
 
     python benchmarks/throughput.py --steps 300 --repeats 3 [--models vae cvae ssvae adgm sdgm]
@@ -42,16 +45,43 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 class StepTimer(pl.Callback):
     """Wall time from the start of step ``warmup`` to the end of the last step."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
+    def __init__(self, warmup: int, guard_clock: GuardClock) -> None:
+        self.warmup, self.guard_clock = warmup, guard_clock
         self.start = self.end = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.warmup:
             self.start = time.perf_counter()
+            self.guard_clock.start()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.end = time.perf_counter()
+
+
+class GuardClock:
+    """Wall time spent in the module's finiteness guard (``vaelab.training.guard``) after
+    ``start()``: its methods are wrapped in place."""
+
+    def __init__(self, guard) -> None:
+        self.seconds = self.at_start = 0.0
+        for name in ("check_loss", "check_gradients", "raise_if_bad"):
+            setattr(guard, name, self._timed(getattr(guard, name)))
+
+    def _timed(self, method):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+        return timed
+
+    def start(self) -> None:
+        self.at_start = self.seconds
+
+    @property
+    def timed_seconds(self) -> float:
+        return self.seconds - self.at_start
 
 
 def build(overrides: list[str]):
@@ -64,9 +94,10 @@ def build(overrides: list[str]):
     return datamodule, train.build(cfg, datamodule), progress_bar, cfg.trainer.precision
 
 
-def lightning_seconds(overrides: list[str], warmup: int, steps: int, product: bool) -> float:
+def lightning_seconds(overrides: list[str], warmup: int, steps: int, product: bool) -> tuple[float, float]:
+    """Seconds of the timed steps, and of the guard within them."""
     datamodule, model, progress_bar, precision = build(overrides)
-    timer = StepTimer(warmup)
+    timer = StepTimer(warmup, GuardClock(model.guard))
     with tempfile.TemporaryDirectory() as out:
         trainer = pl.Trainer(
             accelerator="cpu",
@@ -81,7 +112,7 @@ def lightning_seconds(overrides: list[str], warmup: int, steps: int, product: bo
             callbacks=[timer, progress_bar] if product else [timer],
         )
         trainer.fit(model, datamodule=datamodule)
-    return timer.end - timer.start
+    return timer.end - timer.start, timer.guard_clock.timed_seconds
 
 
 def plain_seconds(overrides: list[str], warmup: int, steps: int) -> float:
@@ -118,20 +149,34 @@ MODEL_OVERRIDES = {
 }
 
 
-def measure(overrides: list[str], args) -> dict[str, list[float]]:
-    """Images/s of each way of training, one value per round."""
+def measure(overrides: list[str], args) -> tuple[dict[str, list[float]], list[float]]:
+    """Images/s of each way of training, one value per round, and the guard's ms per step in
+    each bare Lightning run."""
     order = ["plain", "lightning", "lightning_bare"] + (["lightning_variant"] if args.variant else [])
     runs: dict[str, list[float]] = {name: [] for name in order}
+    guard_ms: list[float] = []
     for round_ in range(args.repeats):
         for name in order if round_ % 2 == 0 else order[::-1]:
             if name == "plain":
                 seconds = plain_seconds(overrides, args.warmup, args.steps)
             elif name == "lightning_variant":
-                seconds = lightning_seconds([*overrides, *args.variant], args.warmup, args.steps, product=True)
+                seconds, _ = lightning_seconds([*overrides, *args.variant], args.warmup, args.steps, product=True)
             else:
-                seconds = lightning_seconds(overrides, args.warmup, args.steps, product=name == "lightning")
+                seconds, guard = lightning_seconds(overrides, args.warmup, args.steps, product=name == "lightning")
+                if name == "lightning_bare":
+                    guard_ms.append(1000 * guard / args.steps)
             runs[name].append(args.steps * args.batch_size / seconds)
-    return runs
+    return runs, guard_ms
+
+
+def where_the_time_goes(ms: dict[str, float], guard_ms: float) -> dict[str, float]:
+    """Lightning's extra ms per step over the plain loop, split: the guard, Lightning's own loop
+    and hooks (bare - plain - guard), the CSV logger and progress bar (as run - bare)."""
+    return {
+        "guard": round(guard_ms, 2),
+        "lightning_loop": round(ms["lightning_bare"] - ms["plain"] - guard_ms, 2),
+        "logger_and_bar": round(ms["lightning"] - ms["lightning_bare"], 2),
+    }
 
 
 def main() -> None:
@@ -152,10 +197,13 @@ def main() -> None:
         overrides = [*MODEL_OVERRIDES[model], f"data.batch_size={args.batch_size}", "paths.output_dir=."]
         if args.data_dir:
             overrides.append(f"paths.data_dir={args.data_dir}")
-        runs = measure(overrides, args)
+        runs, guard_ms = measure(overrides, args)
         median = {name: statistics.median(values) for name, values in runs.items()}
+        ms = {name: 1000 * args.batch_size / value for name, value in median.items()}
         results[model] = {
             "images_per_s": {name: round(value, 1) for name, value in median.items()},
+            "ms_per_step": {name: round(value, 2) for name, value in ms.items()},
+            "extra_ms_per_step": where_the_time_goes(ms, statistics.median(guard_ms)),
             "images_per_s_runs": {name: [round(v, 1) for v in values] for name, values in runs.items()},
             "ratio_lightning_to_plain": round(median["lightning"] / median["plain"], 3),
             "ratio_lightning_bare_to_plain": round(median["lightning_bare"] / median["plain"], 3),
@@ -186,6 +234,9 @@ def main() -> None:
         if args.variant:
             cells.append(f"{speed['lightning_variant']:.0f} ({result['ratio_variant_to_lightning']})")
         figures[model] = " / ".join(cells)
+        extra = result["extra_ms_per_step"]
+        figures[f"{model}_extra_ms"] = (f"{result['ms_per_step']['plain']} ms a plain step + guard {extra['guard']} "
+                                        f"+ Lightning's loop {extra['lightning_loop']} + logger and bar {extra['logger_and_bar']}")
     if "ssvae_step_time_over_vae" in summary:
         figures["ssvae_step_time_over_vae"] = summary["ssvae_step_time_over_vae"]
     append("throughput.py", figures, overrides=[f"data.batch_size={args.batch_size}"], precision="the config's",

@@ -99,8 +99,13 @@ def test_throughput_compares_lightning_with_a_plain_loop_and_records_it(mnist_di
     vae = json.loads(result.stdout)["models"]["vae"]
     speed = vae["images_per_s"]
     assert min(speed.values()) > 0 and vae["ratio_lightning_to_plain"] == pytest.approx(speed["lightning"] / speed["plain"], abs=1e-3)
+    # Lightning's extra time per step, split into parts that add up to it; the guard runs every step
+    ms, extra = vae["ms_per_step"], vae["extra_ms_per_step"]
+    assert ms["plain"] == pytest.approx(1000 * 128 / speed["plain"], rel=1e-3)
+    assert ms["plain"] + sum(extra.values()) == pytest.approx(ms["lightning"], abs=0.05) and extra["guard"] > 0
     record = json.loads(registry.read_text())
     assert record["setting"] == "speed_lightning" and record["figures"]["vae"].startswith(f"{speed['plain']:.0f} / ")
+    assert record["figures"]["vae_extra_ms"].startswith(f"{ms['plain']} ms a plain step + guard {extra['guard']} ")
 
 
 def test_pyro_m2_reads_the_epochs_and_validation_accuracies_pyros_example_prints():
