@@ -52,18 +52,18 @@ class StepTimer(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.warmup:
             self.start = time.perf_counter()
-            self.guard_clock.start()
+            self.guard_clock.reset()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.end = time.perf_counter()
 
 
 class GuardClock:
-    """Wall time spent in the module's finiteness guard (``vaelab.training.guard``) after
-    ``start()``: its methods are wrapped in place."""
+    """Wall time spent in the module's finiteness guard (``vaelab.training.guard``) since the last
+    ``reset()``: its methods are wrapped in place."""
 
     def __init__(self, guard) -> None:
-        self.seconds = self.at_start = 0.0
+        self.seconds = 0.0
         for name in ("check_loss", "check_gradients", "raise_if_bad"):
             setattr(guard, name, self._timed(getattr(guard, name)))
 
@@ -76,12 +76,8 @@ class GuardClock:
                 self.seconds += time.perf_counter() - start
         return timed
 
-    def start(self) -> None:
-        self.at_start = self.seconds
-
-    @property
-    def timed_seconds(self) -> float:
-        return self.seconds - self.at_start
+    def reset(self) -> None:
+        self.seconds = 0.0
 
 
 def build(overrides: list[str]):
@@ -112,7 +108,7 @@ def lightning_seconds(overrides: list[str], warmup: int, steps: int, product: bo
             callbacks=[timer, progress_bar] if product else [timer],
         )
         trainer.fit(model, datamodule=datamodule)
-    return timer.end - timer.start, timer.guard_clock.timed_seconds
+    return timer.end - timer.start, timer.guard_clock.seconds
 
 
 def plain_seconds(overrides: list[str], warmup: int, steps: int) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import time
 
 import hydra
 import pytest
@@ -106,6 +107,30 @@ def test_throughput_compares_lightning_with_a_plain_loop_and_records_it(mnist_di
     record = json.loads(registry.read_text())
     assert record["setting"] == "speed_lightning" and record["figures"]["vae"].startswith(f"{speed['plain']:.0f} / ")
     assert record["figures"]["vae_extra_ms"].startswith(f"{ms['plain']} ms a plain step + guard {extra['guard']} ")
+
+
+def test_throughputs_guard_clock_counts_only_the_guards_calls_since_its_reset():
+    """The guard's time of the warm-up steps is left out; the wrapped methods still do their work."""
+    throughput = load("throughput")
+
+    class Guard:
+        def check_loss(self, loss, metrics, step, epoch):
+            time.sleep(0.2)
+            return "checked"
+
+        def check_gradients(self, module, step, epoch):
+            time.sleep(0.02)
+
+        def raise_if_bad(self, metrics, epoch):
+            pass
+
+    guard = Guard()
+    clock = throughput.GuardClock(guard)
+    assert guard.check_loss(None, {}, 0, 0) == "checked" and clock.seconds >= 0.2
+    clock.reset()
+    guard.check_gradients(None, 1, 0)
+    guard.raise_if_bad({}, 0)
+    assert 0.02 <= clock.seconds < 0.2
 
 
 def test_pyro_m2_reads_the_epochs_and_validation_accuracies_pyros_example_prints():
