@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import hydra
 import pytest
 import pytorch_lightning as pl
 import torch
 
 from conftest import compose_config
+from vaelab.training import WeightEMA
 from vaelab.train import build, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -49,6 +52,25 @@ def test_training_steps_and_batches_on_the_gpu_never_wait_for_it(model, mnist_di
             datamodule.preprocess_batch(batch[0] if isinstance(batch, tuple) else batch, train=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_the_average_of_the_weights_moves_to_the_gpu_and_updates_without_waiting_for_it():
+    net = pl.LightningModule()
+    net.layers = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    ema = WeightEMA(0.999)
+    ema.setup(None, net, "fit")  # the copy is taken on the CPU, before the module reaches its device
+    net.cuda()
+    ema.on_fit_start(None, net)
+    average = ema._average_model.module.layers
+    assert all(p.is_cuda for p in average.parameters()) and average[1].running_mean.is_cuda
+    with torch.no_grad():
+        net.layers[0].weight.add_(1.0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ema.on_train_batch_end(SimpleNamespace(global_step=1), net, None, None, 0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(average[0].weight, net.layers[0].weight - 1.0 + 9 / 11)  # d_1 = 2/11
 
 
 def test_a_gpu_run_resumes_with_the_fused_update_from_a_checkpoint_without_it(mnist_dir, tmp_path):

@@ -26,7 +26,10 @@ def run(overrides: list[str], out: Path, epochs: int, ckpt: Path | None = None) 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", [["model=vae"], ["model=ssvae", "data.labeled=100", "data.labeled_batch_size=20"]])
+@pytest.mark.parametrize(
+    "model", [["model=vae"], ["model=ssvae", "data.labeled=100", "data.labeled_batch_size=20"], ["model=vae", "lit.ema_decay=0.9"]],
+    ids=["vae", "ssvae", "vae-ema"],
+)
 def test_resumed_run_ends_with_the_weights_of_the_uninterrupted_run(model, quick_overrides, tmp_path):
     overrides = [*quick_overrides, *model]
     whole = run(overrides, tmp_path / "whole", epochs=3)
@@ -34,8 +37,10 @@ def test_resumed_run_ends_with_the_weights_of_the_uninterrupted_run(model, quick
     resumed = run(overrides, tmp_path / "resumed", epochs=3, ckpt=tmp_path / "part" / "checkpoints" / "last.ckpt")
     assert first["epoch"] == 1 and resumed["epoch"] == whole["epoch"] == 2
     assert resumed["global_step"] == whole["global_step"]
-    for name, value in whole["state_dict"].items():
+    for name, value in whole["state_dict"].items():  # with lit.ema_decay the average, and the weights beside it
         assert torch.equal(resumed["state_dict"][name], value), name
+        if "current_model_state" in whole:
+            assert torch.equal(resumed["current_model_state"][name], whole["current_model_state"][name]), name
     assert any(not torch.equal(first["state_dict"][name], value) for name, value in whole["state_dict"].items())
 
 

@@ -19,7 +19,7 @@ from vaelab.elbo import bits_per_dim, class_information
 from vaelab.iwae import Interrupted, importance_weighted
 from vaelab.models.base import LatentModel
 from vaelab.objectives import DataFacts, Objective, model_kind
-from vaelab.training import FinitenessGuard, LRSchedule, Stepping
+from vaelab.training import FinitenessGuard, LRSchedule, Stepping, WeightEMA
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,8 @@ class LitModel(pl.LightningModule):
     stepped by hand (Lightning's automatic loop costs ~4 % of a small model's step) after
     ``accumulate_grad_batches`` batches with gradients clipped at ``gradient_clip_val``;
     ``compile=True`` compiles the loss with ``torch.compile`` in ``compile_mode`` (``reduce-overhead``:
-    CUDA graphs replay the step's kernels). ``data`` holds the facts about the
+    CUDA graphs replay the step's kernels). ``ema_decay``: validation, checkpoints and test use
+    an exponential moving average of the weights (``training.WeightEMA``). ``data`` holds the facts about the
     data that the entry point hands in. Validation and test log every term of the model's bound
     (and the objective's ``validation_terms``); for models with a classifier also U(x) with the
     classifier's cross-entropy, accuracy and, in test, the confusion matrix. ``iwae_k`` > 0 adds
@@ -53,6 +54,7 @@ class LitModel(pl.LightningModule):
         accumulate_grad_batches: int = 1,
         compile: bool = False,
         compile_mode: str | None = None,
+        ema_decay: float | None = None,
         iwae_k: int = 0,
         iwae_rows: int = 20_000,
         data: DataFacts | None = None,
@@ -79,6 +81,7 @@ class LitModel(pl.LightningModule):
         self.compile_loss, self.compile_mode = compile, compile_mode
         self.iwae_k, self.iwae_rows = iwae_k, iwae_rows
         self.guard = FinitenessGuard()
+        self.ema = WeightEMA(ema_decay) if ema_decay is not None else None
         self._configured_groups: list[dict] = []  # the optimizer's settings as configured
         self._checkpoint_groups: list[dict] | None = None  # ... and as configured for a resumed run
         self.automatic_optimization = False
@@ -86,7 +89,7 @@ class LitModel(pl.LightningModule):
         self.save_hyperparameters({
             "model": model_kind(model), "objective": objective.settings() if objective else None,
             "lr_schedule": lr_schedule, "lr_step": self.schedule.lr_step, "gradient_clip_val": gradient_clip_val,
-            "accumulate_grad_batches": accumulate_grad_batches, "labeled": self.data.labeled,
+            "accumulate_grad_batches": accumulate_grad_batches, "ema_decay": ema_decay, "labeled": self.data.labeled,
             "train_size": self.data.train_size, "model_config": dict(model_config or {}),
         })
         if model.has_classifier:
@@ -105,6 +108,9 @@ class LitModel(pl.LightningModule):
         backward); parameters keep their names, so checkpoints load with or without it."""
         if self.compile_loss and "loss" not in vars(self):
             self.loss = torch.compile(self.loss, mode=self.compile_mode)
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [self.ema] if self.ema else []
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._checkpoint_groups = checkpoint.get("configured_optimizer")

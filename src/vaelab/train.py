@@ -16,7 +16,7 @@ from vaelab.data import ImageDataModule
 from vaelab.lit import LitModel
 from vaelab.objectives import DataFacts
 from vaelab.utils import CONFIG_DIR, apply_extras, instantiate_callbacks, instantiate_loggers, log_hyperparameters, run_log
-from vaelab.utils.checkpoints import check_checkpoint, newest_readable, resume_model_config
+from vaelab.utils.checkpoints import check_checkpoint, check_resumable, newest_readable, resume_model_config
 from vaelab.utils.run import AtomicCheckpointIO, restart_checkpoint, run_directory, set_launch_rank, signal_exit_status
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ def _train(cfg: DictConfig, ckpt_path: str | None) -> dict[str, float]:
     apply_extras(cfg)
     if ckpt_path:
         check_checkpoint(ckpt_path, model)
+        check_resumable(ckpt_path, model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"), resume_from=ckpt_path)
     trainer: pl.Trainer = hydra.utils.instantiate(

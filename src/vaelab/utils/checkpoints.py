@@ -74,6 +74,19 @@ def check_checkpoint(path: str, module: pl.LightningModule) -> None:
         )
 
 
+def check_resumable(path: str, module: pl.LightningModule) -> None:
+    """Raise one clear error when ``path`` was written with an average of the weights
+    (``lit.ema_decay``) and ``module`` keeps none: its ``state_dict`` holds the average, and a
+    resume without one would train on from it instead of from the weights training stopped at."""
+    checkpoint = read(path)
+    decay = checkpoint.get("hyper_parameters", {}).get("ema_decay")
+    if "current_model_state" in checkpoint and module.hparams.get("ema_decay") is None:
+        raise ValueError(
+            f"ckpt_path={path} holds an average of the weights (lit.ema_decay={decay}) beside the weights training stopped "
+            f"at; resume with lit.ema_decay={decay} to go on training both."
+        )
+
+
 def saved_model_config(path: str) -> dict:
     """The resolved model config that the module of checkpoint ``path`` was built from (empty
     when it cannot be read: that is left to ``check_checkpoint``)."""
