@@ -10,8 +10,8 @@ import pytorch_lightning as pl
 import torch
 
 from conftest import compose_config
-from vaelab.training import WeightEMA
 from vaelab.train import build, train
+from vaelab.training import WeightEMA
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

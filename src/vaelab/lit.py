@@ -34,8 +34,8 @@ class LitModel(pl.LightningModule):
     ``accumulate_grad_batches`` batches with gradients clipped at ``gradient_clip_val``;
     ``compile=True`` compiles the loss with ``torch.compile`` in ``compile_mode`` (``reduce-overhead``:
     CUDA graphs replay the step's kernels). ``ema_decay``: validation, checkpoints and test use
-    an exponential moving average of the weights (``training.WeightEMA``). ``data`` holds the facts about the
-    data that the entry point hands in. Validation and test log every term of the model's bound
+    an exponential moving average of the weights (``training.WeightEMA``). ``data`` holds the
+    facts about the data that the entry point hands in. Validation and test log every term of the model's bound
     (and the objective's ``validation_terms``); for models with a classifier also U(x) with the
     classifier's cross-entropy, accuracy and, in test, the confusion matrix. ``iwae_k`` > 0 adds
     the k-sample importance-weighted bound to the test metrics, drawn in passes of at most

@@ -95,8 +95,7 @@ def _train(cfg: DictConfig, ckpt_path: str | None) -> dict[str, float]:
         )
     apply_extras(cfg)
     if ckpt_path:
-        check_checkpoint(ckpt_path, model)
-        check_resumable(ckpt_path, model)
+        check_resumable(ckpt_path, check_checkpoint(ckpt_path, model), model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"), resume_from=ckpt_path)
     trainer: pl.Trainer = hydra.utils.instantiate(

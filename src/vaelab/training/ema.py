@@ -41,26 +41,23 @@ class WeightEMA(WeightAveraging):
             self._average_model = AveragedModel(pl_module, use_buffers=True)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The module reached its device and precision after ``setup``: the average follows."""
-        for average, current in self._pairs(pl_module):
-            average.data = average.data.to(current.device, current.dtype)
-
-    def _pairs(self, pl_module: pl.LightningModule) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(averaged, current) for every parameter and buffer."""
+        """The module reached its device and precision after ``setup``: the average follows.
+        The tensors to interpolate (and batch norm's step counts, copied) are paired once here."""
         average = self._average_model.module
-        return list(zip(chain(average.parameters(), average.buffers()), chain(pl_module.parameters(), pl_module.buffers())))
+        pairs = list(zip(chain(average.parameters(), average.buffers()), chain(pl_module.parameters(), pl_module.buffers())))
+        for averaged, current in pairs:
+            averaged.data = averaged.data.to(current.device, current.dtype)
+        self._floats = [list(side) for side in zip(*[pair for pair in pairs if pair[0].is_floating_point()])]
+        self._counters = [list(side) for side in zip(*[pair for pair in pairs if not pair[0].is_floating_point()])]
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
         if step == self._latest_update_step:
             return  # no optimizer step since the last update (gradient accumulation)
-        pairs = self._pairs(pl_module)
-        floats = [pair for pair in pairs if pair[0].is_floating_point()]
-        counters = [pair for pair in pairs if not pair[0].is_floating_point()]  # batch norm's step counts
-        torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - ema_decay(self.decay, step))
-        if counters:
-            torch._foreach_copy_([a for a, _ in counters], [c for _, c in counters])
+        torch._foreach_lerp_(*self._floats, 1.0 - ema_decay(self.decay, step))
+        if self._counters:
+            torch._foreach_copy_(*self._counters)
         self._latest_update_step = step
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:

@@ -63,22 +63,24 @@ def state_mismatch(saved: dict, expected: dict) -> str:
     )
 
 
-def check_checkpoint(path: str, module: pl.LightningModule) -> None:
+def check_checkpoint(path: str, module: pl.LightningModule) -> dict:
     """Raise one clear error when ``path`` is missing, unreadable, or holds weights of another
-    model than ``module``'s (another ``model=`` choice or other layer sizes)."""
-    details = state_mismatch(read(path)["state_dict"], module.state_dict())
+    model than ``module``'s (another ``model=`` choice or other layer sizes); return the checkpoint."""
+    checkpoint = read(path)
+    details = state_mismatch(checkpoint["state_dict"], module.state_dict())
     if details:
         raise ValueError(
             f"ckpt_path={path} does not fit the configured {module.hparams.get('model')} ({details}). Use the model "
             "and sizes it was trained with, e.g. the run's config.yaml: model=... model.z_dim=..."
         )
+    return checkpoint
 
 
-def check_resumable(path: str, module: pl.LightningModule) -> None:
-    """Raise one clear error when ``path`` was written with an average of the weights
-    (``lit.ema_decay``) and ``module`` keeps none: its ``state_dict`` holds the average, and a
-    resume without one would train on from it instead of from the weights training stopped at."""
-    checkpoint = read(path)
+def check_resumable(path: str, checkpoint: dict, module: pl.LightningModule) -> None:
+    """Raise one clear error when ``checkpoint`` (read from ``path``) was written with an average
+    of the weights (``lit.ema_decay``) and ``module`` keeps none: its ``state_dict`` holds the
+    average, and a resume without one would train on from it instead of from the weights
+    training stopped at."""
     decay = checkpoint.get("hyper_parameters", {}).get("ema_decay")
     if "current_model_state" in checkpoint and module.hparams.get("ema_decay") is None:
         raise ValueError(
