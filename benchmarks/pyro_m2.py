@@ -58,27 +58,27 @@ def timed_lines(process: subprocess.Popen, start: float, into: list[tuple[float,
         into.append((time.perf_counter() - start, line.strip()))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--example", type=Path, required=True, help="Pyro 1.9.1's examples/vae/ss_vae_M2.py")
-    parser.add_argument("--minutes", type=float, default=10.0, help="each run's budget")
-    parser.add_argument("--labeled", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
-    parser.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA_DIR", str(ROOT / "data")), help="holds MNIST/raw")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of vaelab's run")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)  # as each run's: the record names the threads from torch
-    if not args.example.is_file():
-        sys.exit(f"{args.example} is not a file: pass Pyro 1.9.1's examples/vae/ss_vae_M2.py (see --help).")
-    linked = args.example.parent / "utils" / ".data" / "MNISTCached" / "raw"  # torchvision's folder for the class MNISTCached
+def last_lines(lines: list[tuple[float, str]], n: int = 20) -> str:
+    return "\n".join(line for _, line in lines[-n:])
+
+
+def link_mnist(example: Path, data_dir: str) -> None:
+    """Point the example's MNIST folder (torchvision's, for its class MNISTCached) at ``data_dir``'s
+    files when it is missing or empty, so that both runs read the same files offline."""
+    linked = example.parent / "utils" / ".data" / "MNISTCached" / "raw"
     if not linked.exists() or (linked.is_dir() and not any(linked.iterdir())):
         linked.parent.mkdir(parents=True, exist_ok=True)
         if linked.is_dir():
             linked.rmdir()
-        linked.symlink_to(Path(args.data_dir).resolve() / "MNIST" / "raw")
+        linked.symlink_to(Path(data_dir).resolve() / "MNIST" / "raw")
+
+
+def run_side_by_side(args: argparse.Namespace, pyro_args: list[str]) -> tuple[list[tuple[float, str]], str]:
+    """Start Pyro's example and ``m2_mnist.py`` together and let both run for ``args.minutes``;
+    returns Pyro's timed output lines and vaelab's stdout. Exits at once, with the failing run's
+    output, if either fails, stopping the other."""
     env = {**{k: v for k, v in os.environ.items() if k != "CI"}, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
-    pyro_args = [*PYRO_SETTINGS, "-bs", str(pyro_batch_size(args.labeled)), "-sup", str(args.labeled)]
     pyro = subprocess.Popen([sys.executable, args.example.name, *pyro_args], cwd=args.example.parent,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[tuple[float, str]] = []
@@ -98,8 +98,7 @@ def main() -> None:
                 process.wait()
             reader.join(timeout=10)
             err.seek(0)
-            tail = "\n".join(line for _, line in lines[-20:])
-            sys.exit(f"Pyro's example failed (exit code {pyro_failed}); its last output:\n{tail}" if pyro_failed
+            sys.exit(f"Pyro's example failed (exit code {pyro_failed}); its last output:\n{last_lines(lines)}" if pyro_failed
                      else f"vaelab's run failed:\n{err.read()[-3000:]}")
         remaining = args.minutes * 60 - (time.perf_counter() - start)
         if remaining > 0 and pyro.poll() is None:
@@ -108,15 +107,14 @@ def main() -> None:
         pyro.wait()
         reader.join(timeout=10)
         out.seek(0)
-        stdout = out.read()
-    epochs = pyro_epochs(lines)
-    if not epochs:
-        tail = "\n".join(line for _, line in lines[-20:])
-        sys.exit(f"Pyro's example finished no epoch in {args.minutes:g} minutes; its last output:\n{tail}")
-    # m2_mnist.py prints its record last, the top-level brace on a line of its own (progress output may hold braces)
-    record = json.loads(stdout[stdout.rfind("\n{\n") + 1:])
+        return lines, out.read()
+
+
+def comparison(epochs: list[tuple[float, float]], record: dict) -> dict:
+    """The record's figures: both runs' seconds per epoch, their ratio, and Pyro's accuracy curve
+    beside vaelab's minutes to each accuracy (``record``: m2_mnist.py's)."""
     pyro_epoch = epochs[-1][0] / len(epochs)
-    figures = {
+    return {
         "metric": "seconds per epoch, validation included, one core each: Pyro's example, vaelab (Pyro's over vaelab's)",
         "pyro_seconds_per_epoch": round(pyro_epoch, 1),
         "vaelab_seconds_per_epoch": record["figures"]["seconds_per_epoch"],
@@ -126,8 +124,31 @@ def main() -> None:
         "vaelab_record": record["id"],
         "vaelab_minutes_to_val_acc": record["figures"]["minutes_to_val_acc"],
     }
-    print(json.dumps(append("pyro_m2.py", figures, precision="32-true", budget=f"{args.minutes:g} minutes each, side by side",
-                            shared=True, setting="speed_pyro", split_seeds=[0], overrides=args.overrides, variant=" ".join(args.overrides) or None,
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--example", type=Path, required=True, help="Pyro 1.9.1's examples/vae/ss_vae_M2.py")
+    parser.add_argument("--minutes", type=float, default=10.0, help="each run's budget")
+    parser.add_argument("--labeled", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
+    parser.add_argument("--data-dir", default=os.environ.get("VAELAB_DATA_DIR", str(ROOT / "data")), help="holds MNIST/raw")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of vaelab's run")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)  # as each run's: the record names the threads from torch
+    if not args.example.is_file():
+        sys.exit(f"{args.example} is not a file: pass Pyro 1.9.1's examples/vae/ss_vae_M2.py (see --help).")
+    link_mnist(args.example, args.data_dir)
+    pyro_args = [*PYRO_SETTINGS, "-bs", str(pyro_batch_size(args.labeled)), "-sup", str(args.labeled)]
+    lines, stdout = run_side_by_side(args, pyro_args)
+    epochs = pyro_epochs(lines)
+    if not epochs:
+        sys.exit(f"Pyro's example finished no epoch in {args.minutes:g} minutes; its last output:\n{last_lines(lines)}")
+    # m2_mnist.py prints its record last, the top-level brace on a line of its own (progress output may hold braces)
+    record = json.loads(stdout[stdout.rfind("\n{\n") + 1:])
+    print(json.dumps(append("pyro_m2.py", comparison(epochs, record), precision="32-true",
+                            budget=f"{args.minutes:g} minutes each, side by side", shared=True, setting="speed_pyro",
+                            split_seeds=[0], overrides=args.overrides, variant=" ".join(args.overrides) or None,
                             notes=f"Pyro: python ss_vae_M2.py {' '.join(pyro_args)} (its own split of the labels)"),
                      indent=2))
 

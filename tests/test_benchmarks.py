@@ -144,6 +144,16 @@ def test_pyro_m2_reads_the_epochs_and_validation_accuracies_pyros_example_prints
     assert load("pyro_m2").pyro_epochs(lines) == [(61.5, 0.6521), (122.0, 0.711)]
 
 
+def test_pyro_m2_compares_the_seconds_per_epoch_of_both_runs():
+    """Pyro's epochs are timed from the start of both runs; the ratio is Pyro's seconds over vaelab's."""
+    epochs = [(60.0, 0.65), (120.0, 0.71), (180.0, 0.70)]
+    record = {"id": "abc", "figures": {"seconds_per_epoch": 40.0, "minutes_to_val_acc": {"80": 1.0}}}
+    figures = load("pyro_m2").comparison(epochs, record)
+    assert figures["pyro_seconds_per_epoch"] == 60.0 and figures["epoch_speed_vs_pyro"] == 1.5
+    assert figures["pyro_minutes"] == [1.0, 2.0, 3.0] and figures["pyro_val_acc"] == [65.0, 71.0, 70.0]
+    assert figures["vaelab_record"] == "abc" and figures["vaelab_minutes_to_val_acc"] == {"80": 1.0}
+
+
 def test_pyro_m2_gives_pyros_example_the_largest_batch_it_accepts():
     """The example asserts that its batch divides the labeled count and the 10,000 validation images."""
     batch = load("pyro_m2").pyro_batch_size
