@@ -90,3 +90,12 @@ def test_resuming_an_averaged_run_without_the_average_is_refused_with_the_fix(qu
                                        f"paths.output_dir={tmp_path / 'resumed'}"])
     with pytest.raises(ValueError, match=r"holds an average of the weights \(lit\.ema_decay=0\.9\).*resume with lit\.ema_decay=0\.9"):
         train(resumed)
+
+
+def test_half_precision_weights_are_refused_before_training_naming_the_fix(quick_overrides, tmp_path):
+    """In bfloat16 an update of 0.001 of the difference rounds away: the average would stay frozen."""
+    cfg = compose_config("train", [*quick_overrides, "model=vae", "test=false", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                                   "trainer.limit_val_batches=1", "data.batch_size=32", "lit.ema_decay=0.999", "trainer.precision=bf16-true"])
+    with pytest.raises(ValueError, match=r"trainer\.precision=bf16-true holds them in bfloat16.*Use trainer\.precision=bf16-mixed"):
+        train(cfg)
+    assert not list((tmp_path / "checkpoints").glob("*.ckpt"))

@@ -42,7 +42,16 @@ class WeightEMA(WeightAveraging):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The module reached its device and precision after ``setup``: the average follows.
-        The tensors to interpolate (and batch norm's step counts, copied) are paired once here."""
+        The tensors to interpolate (and batch norm's step counts, copied) are paired once here.
+        Half-precision weights are refused: the average's small updates would round away."""
+        low = {p.dtype for p in pl_module.parameters()} & {torch.bfloat16, torch.float16}
+        if low:
+            raise ValueError(
+                f"lit.ema_decay keeps the average in the weights' dtype, and trainer.precision={trainer.precision} holds them in "
+                f"{', '.join(sorted(str(dtype).removeprefix('torch.') for dtype in low))}, where a step's update of the average, "
+                f"{1 - self.decay:.2g} of the difference, mostly rounds away. Use trainer.precision=bf16-mixed (layers in bfloat16, "
+                "weights in float32) or 32-true, or lit.ema_decay=null."
+            )
         average = self._average_model.module
         pairs = list(zip(chain(average.parameters(), average.buffers()), chain(pl_module.parameters(), pl_module.buffers())))
         for averaged, current in pairs:
