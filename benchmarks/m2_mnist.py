@@ -37,6 +37,16 @@ NAMES = {"ssvae": ("m2", "M2"), "m1m2": ("m1m2", "M1+M2"), "adgm": ("adgm", "ADG
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the source checkout
 
 
+def unused_stem(directory: Path, name: str) -> Path:
+    """``directory / name``, or with the first suffix _2, _3, ... that no curve file (.png, .csv)
+    there has yet: an earlier record's curves are never overwritten."""
+    stem, n = directory / name, 1
+    while stem.with_suffix(".png").exists() or stem.with_suffix(".csv").exists():
+        n += 1
+        stem = directory / f"{name}_{n}"
+    return stem
+
+
 def curves(rows: list[dict], path: Path, title: str) -> None:
     """Validation accuracy against minutes and steps; entropy and information of q(y|x) against minutes."""
     val = [r for r in rows if r.get("val/acc")]
@@ -121,9 +131,9 @@ def main() -> None:
         rows = list(csv.DictReader(file))
     val = [r for r in rows if r.get("val/acc")]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    figure = args.out_dir / f"{name}.png"
+    figure = unused_stem(args.out_dir, name).with_suffix(".png")
     curves(rows, figure, f"{title}, {args.labeled} labels, split seed {args.split_seed}")
-    with open(args.out_dir / f"{name}.csv", "w", newline="") as file:
+    with open(figure.with_suffix(".csv"), "w", newline="") as file:
         keys = ["epoch", "step", "time/minutes", "val/acc", "val/elbo", "val/entropy", "val/mi", "val/kl_y"]
         writer = csv.DictWriter(file, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()

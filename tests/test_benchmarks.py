@@ -144,6 +144,16 @@ def test_pyro_m2_reads_the_epochs_and_validation_accuracies_pyros_example_prints
     assert load("pyro_m2").pyro_epochs(lines) == [(61.5, 0.6521), (122.0, 0.711)]
 
 
+def test_m2_mnist_never_writes_its_curves_over_an_earlier_records(tmp_path):
+    unused_stem = load("m2_mnist").unused_stem
+    assert unused_stem(tmp_path, "m2_mnist_100_seed0") == tmp_path / "m2_mnist_100_seed0"
+    (tmp_path / "m2_mnist_100_seed0.png").touch()
+    assert unused_stem(tmp_path, "m2_mnist_100_seed0") == tmp_path / "m2_mnist_100_seed0_2"
+    (tmp_path / "m2_mnist_100_seed0_2.csv").touch()
+    assert unused_stem(tmp_path, "m2_mnist_100_seed0") == tmp_path / "m2_mnist_100_seed0_3"
+    assert unused_stem(tmp_path, "m2_mnist_100_seed1") == tmp_path / "m2_mnist_100_seed1"
+
+
 def test_pyro_m2_compares_the_seconds_per_epoch_of_both_runs():
     """Pyro's epochs are timed from the start of both runs; the ratio is Pyro's seconds over vaelab's."""
     epochs = [(60.0, 0.65), (120.0, 0.71), (180.0, 0.70)]
