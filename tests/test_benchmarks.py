@@ -118,7 +118,7 @@ def test_throughputs_guard_clock_counts_only_the_guards_calls_since_its_reset():
             time.sleep(0.2)
             return "checked"
 
-        def check_gradients(self, module, step, epoch):
+        def check_gradients(self, module, optimizer, step, epoch):
             time.sleep(0.02)
 
         def raise_if_bad(self, metrics, epoch):
@@ -128,7 +128,7 @@ def test_throughputs_guard_clock_counts_only_the_guards_calls_since_its_reset():
     clock = throughput.GuardClock(guard)
     assert guard.check_loss(None, {}, 0, 0) == "checked" and clock.seconds >= 0.2
     clock.reset()
-    guard.check_gradients(None, 1, 0)
+    guard.check_gradients(None, None, 1, 0)
     guard.raise_if_bad({}, 0)
     assert 0.02 <= clock.seconds < 0.2
 

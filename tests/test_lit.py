@@ -132,6 +132,31 @@ def test_a_non_finite_gradient_of_a_finite_loss_stops_training_before_its_update
     assert all(torch.equal(b, p) for b, p in zip(before, module.parameters()))
 
 
+@pytest.mark.parametrize("where", ["cpu", "accelerator"])
+def test_the_guard_checks_the_gradients_the_optimizer_applies_and_an_overflowing_total_alone_passes(monkeypatch, where):
+    """Finite gradients whose total overflows (3e38 + 3e38) pass; an inf among them is named; a
+    parameter outside the optimizer is not the guard's to check."""
+    if where == "accelerator":
+        on_an_accelerator(monkeypatch)
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    optimizer = torch.optim.SGD(module[0].parameters(), lr=0.1)
+    guard = FinitenessGuard()
+    module[0].weight.grad = torch.full((2, 2), 3e38)
+    module[0].bias.grad = torch.full((2,), -3e38)
+    module[1].weight.grad = torch.full((2, 2), math.nan)  # not stepped by this optimizer
+    guard.check_gradients(module, optimizer, 0, 0)
+    guard.raise_if_bad({}, 0)
+    module[0].bias.grad[1] = -math.inf
+    if where == "cpu":
+        with pytest.raises(FloatingPointError, match=r"Non-finite gradient at step 3 \(epoch 1\) of a finite loss, in 0.bias\."):
+            guard.check_gradients(module, optimizer, 3, 1)
+    else:
+        guard.check_gradients(module, optimizer, 3, 1)
+        assert torch.equal(module[0].bias.grad, torch.zeros(2))  # this update is skipped
+        with pytest.raises(FloatingPointError, match=r"Non-finite gradient at step 3 \(epoch 1\)"):
+            guard.raise_if_bad({}, 1)
+
+
 def test_the_progress_bar_shows_the_training_bound():
     module = vae_module(optimizer=lambda p: torch.optim.Adam(p))
     trainer = fit(module, 2, log_every_n_steps=1)

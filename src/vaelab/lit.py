@@ -173,7 +173,7 @@ class LitModel(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Gradients are unscaled here under mixed precision: the guard checks them, then they are clipped."""
-        self.guard.check_gradients(self.model, self.global_step, self.current_epoch)
+        self.guard.check_gradients(self.model, optimizer, self.global_step, self.current_epoch)
         if self.stepping.gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=self.stepping.gradient_clip_val, gradient_clip_algorithm="norm")
 

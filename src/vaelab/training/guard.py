@@ -3,6 +3,8 @@ loss, before that step's update is applied."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 ADVICE = ("Training stopped without applying that step's update, and no checkpoint was written with these weights. "
@@ -33,15 +35,18 @@ class FinitenessGuard:
             return
         self._bad_step = self._record(self._bad_step, bad, step)
 
-    def check_gradients(self, module: torch.nn.Module, step: int, epoch: int) -> None:
-        """Before the optimizer steps (gradients unscaled): stop at a non-finite gradient of a
-        finite loss (CPU) or record it (accelerators); then zero the gradients of a skipped update."""
-        grads = [p.grad for p in module.parameters() if p.grad is not None]
+    def check_gradients(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, epoch: int) -> None:
+        """Before ``optimizer`` steps (gradients unscaled): stop at a non-finite gradient of a
+        finite loss (CPU) or record it (accelerators); then zero the gradients of a skipped update.
+        ``module`` names the parameters in the error."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
         if grads:
-            bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
+            bad = ~torch.isfinite(self.gradient_total(grads))
             if self.reads_every_step(bad):  # names are looked up only when it fails
-                names = [name for name, p in module.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()] if bad else []
-                if names:  # (an overflowing norm alone is not a non-finite gradient)
+                failing = {id(p) for p in params if not torch.isfinite(p.grad).all()} if bad else set()
+                names = [name for name, p in module.named_parameters() if id(p) in failing]
+                if names:  # (an overflowing total alone is not a non-finite gradient)
                     raise_non_finite_gradient(step, epoch, f", in {', '.join(names[:3])}{' and more' if len(names) > 3 else ''}")
             else:
                 if self._skip_update is not None:
@@ -51,6 +56,14 @@ class FinitenessGuard:
             for grad in grads:
                 grad.masked_fill_(self._skip_update, 0)
             self._skip_update = None
+
+    def gradient_total(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """A scalar that is finite when every gradient is. On the CPU the sum of all entries, the
+        cheapest read of each (it can also overflow, hence the look at each tensor before raising);
+        on accelerators the largest magnitude (the max norm, exact), in one multi-tensor kernel."""
+        if self.reads_every_step(grads[0]):
+            return torch.stack([grad.sum() for grad in grads]).sum()
+        return torch.nn.utils.get_total_norm(grads, norm_type=math.inf)
 
     def raise_if_bad(self, metrics: dict[str, torch.Tensor], epoch: int) -> None:
         """Raise for a bad step recorded on the device (this reads the device once)."""
