@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins import MixedPrecision
 from torch.distributions import Independent, Normal, kl_divergence
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -54,14 +55,33 @@ def fit(module: LitModel, n_batches: int, **trainer_options) -> pl.Trainer:
     return trainer
 
 
-def test_gradients_are_clipped_to_the_configured_total_norm():
+def float16_with_a_loss_scaler(init_scale: float) -> dict:
+    """Trainer options for float16 mixed precision with its loss scaler (Lightning gives a CPU
+    bf16 instead of float16, so the plugin is built here as on a CUDA device)."""
+    return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))]}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_gradients_are_clipped_to_the_configured_total_norm(precision, fused):
+    """Also for a fused optimizer under mixed precision, which unscales inside its own step
+    (the default lit.optimizer with model=ssvae's clipping wherever bf16 is native)."""
     torch.manual_seed(0)
-    sgd = lambda params: torch.optim.SGD(params, lr=1.0)  # noqa: E731  (the update is the clipped gradient)
+    sgd = lambda params: torch.optim.SGD(params, lr=1.0, fused=fused)  # noqa: E731  (the update is the clipped gradient)
     module = vae_module(optimizer=sgd, gradient_clip_val=1e-3)
     before = torch.cat([p.detach().flatten().clone() for p in module.parameters()])
-    fit(module, 1)
+    fit(module, 1, **(float16_with_a_loss_scaler(1024.0) if precision == "16-mixed" else {"precision": precision}))
     after = torch.cat([p.detach().flatten() for p in module.parameters()])
     assert (after - before).norm() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_under_a_loss_scaler_an_overflowing_step_is_skipped_by_the_scaler_and_training_goes_on():
+    module = vae_module(optimizer=lambda p: torch.optim.Adam(p, fused=True), gradient_clip_val=5.0)
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer = fit(module, 2, **float16_with_a_loss_scaler(3e38))  # the scaled loss overflows float32
+    scaler = trainer.precision_plugin.scaler
+    assert scaler.get_scale() == pytest.approx(3e38 * 0.5**2)  # both steps skipped, the scale halved twice
+    assert all(torch.equal(p, b) for p, b in zip(module.parameters(), before))
 
 
 def test_gradients_accumulate_over_the_configured_number_of_batches():

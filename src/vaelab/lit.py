@@ -172,10 +172,17 @@ class LitModel(pl.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Gradients are unscaled here under mixed precision: the guard checks them, then they are clipped."""
-        self.guard.check_gradients(self.model, optimizer, self.global_step, self.current_epoch)
+        """The guard checks the gradients, then they are clipped, both on their true scale. Under
+        float16 mixed precision the loss scaler unscales them here for a fused optimizer too
+        (Lightning leaves that to its step, too late for both, and refuses to clip), and a
+        non-finite gradient is the scaler's to skip: it lowers the scale and goes on."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)
+        self.guard.check_gradients(self.model, optimizer, self.global_step, self.current_epoch, scaler_skips=scaler is not None)
         if self.stepping.gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val=self.stepping.gradient_clip_val, gradient_clip_algorithm="norm")
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.stepping.gradient_clip_val)
 
     def on_train_epoch_end(self) -> None:
         self.guard.raise_if_bad({}, self.current_epoch)

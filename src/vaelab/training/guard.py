@@ -35,13 +35,15 @@ class FinitenessGuard:
             return
         self._bad_step = self._record(self._bad_step, bad, step)
 
-    def check_gradients(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, epoch: int) -> None:
+    def check_gradients(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, epoch: int,
+                        scaler_skips: bool = False) -> None:
         """Before ``optimizer`` steps (gradients unscaled): stop at a non-finite gradient of a
         finite loss (CPU) or record it (accelerators); then zero the gradients of a skipped update.
-        ``module`` names the parameters in the error."""
+        ``module`` names the parameters in the error. ``scaler_skips``: a loss scaler skips the
+        steps with non-finite gradients itself (float16 mixed precision), so none is checked."""
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in params]
-        if grads:
+        if grads and not scaler_skips:
             bad = ~torch.isfinite(self.gradient_total(grads))
             if self.reads_every_step(bad):  # names are looked up only when it fails
                 failing = {id(p) for p in params if not torch.isfinite(p.grad).all()} if bad else set()
