@@ -110,7 +110,8 @@ def test_two_nodes_share_the_labels_split_the_rest_and_validate_as_one_process(m
     cfg = compose_config("train", [*overrides, "trainer=cpu", f"paths.output_dir={tmp_path / 'one'}"])
     datamodule = hydra.utils.instantiate(cfg.data)
     module = build(cfg, datamodule)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, precision=cfg.trainer.precision, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # bf16-mixed where the CPU has it
     (one,) = trainer.validate(module, datamodule=datamodule, ckpt_path=str(run / "checkpoints" / "epoch_000.ckpt"), verbose=False)
     assert float(logged[0]["val/acc"]) == pytest.approx(one["val/acc"], abs=1e-6)  # the classifier: deterministic
     assert float(logged[0]["val/ce"]) == pytest.approx(one["val/ce"], rel=1e-5)
