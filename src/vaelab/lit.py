@@ -180,9 +180,7 @@ class LitModel(pl.LightningModule):
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scaler.unscale_(optimizer)
         self.guard.check_gradients(self.model, optimizer, self.global_step, self.current_epoch, scaler_skips=scaler is not None)
-        if self.stepping.gradient_clip_val:
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.stepping.gradient_clip_val)
+        self.stepping.clip(optimizer)
 
     def on_train_epoch_end(self) -> None:
         self.guard.raise_if_bad({}, self.current_epoch)

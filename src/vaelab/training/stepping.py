@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class Stepping:
@@ -23,3 +25,9 @@ class Stepping:
     def steps_after(self, batch_idx: int, is_last_batch: bool) -> bool:
         """Whether the optimizer steps after batch ``batch_idx`` of the epoch."""
         return (batch_idx + 1) % self.accumulate_grad_batches == 0 or is_last_batch
+
+    def clip(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip the gradients ``optimizer`` is about to apply to a total norm of ``gradient_clip_val``."""
+        if self.gradient_clip_val:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_val)
