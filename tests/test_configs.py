@@ -120,11 +120,24 @@ def test_m2_trains_in_bf16_only_where_the_cpu_has_it(flags, precision, quick_ove
     import vaelab.utils.resolvers
 
     monkeypatch.setattr(vaelab.utils.resolvers, "cpu_flags", lambda: flags)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     m2 = [*quick_overrides, "model=ssvae", "data.labeled=100"]
     assert compose_config("train", m2).trainer.precision == precision
     assert compose_config("train", [*m2, "trainer.precision=32-true"]).trainer.precision == "32-true"
     assert compose_config("train", quick_overrides).trainer.precision == "32-true"
     assert compose_config("evaluate", [*m2, "ckpt_path=some.ckpt"]).trainer.precision == "32-true"
+
+
+@pytest.mark.parametrize("cap, precision", [("AVX2", "32-true"), ("avx512_core", "32-true"), ("AVX512_CORE_BF16", "bf16-mixed"),
+                                            ("AVX512_CORE_AMX", "bf16-mixed"), ("ALL", "bf16-mixed")])
+def test_a_onednn_cap_below_bf16_makes_m2_train_in_float32(cap, precision, quick_overrides, monkeypatch):
+    """ONEDNN_MAX_CPU_ISA capped below AVX512-BF16 (as to emulate an older CPU) leaves bfloat16
+    emulated, 14x slower than float32: model=ssvae then picks float32 on a CPU that has bf16."""
+    import vaelab.utils.resolvers
+
+    monkeypatch.setattr(vaelab.utils.resolvers, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert compose_config("train", [*quick_overrides, "model=ssvae", "data.labeled=100"]).trainer.precision == precision
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):

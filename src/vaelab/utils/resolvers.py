@@ -38,14 +38,23 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
 
 
+def onednn_allows_bf16(cap: str | None) -> bool:
+    """Whether oneDNN, capped at the instruction set ``cap`` (``ONEDNN_MAX_CPU_ISA``: AVX2,
+    AVX512_CORE, AVX512_CORE_BF16, AVX512_CORE_AMX, ...), may still use bfloat16 instructions."""
+    cap = (cap or "ALL").upper()
+    return cap in ("ALL", "DEFAULT") or any(tag in cap for tag in ("BF16", "FP16", "AMX", "AVX10"))
+
+
 def native_bf16_precision(accelerator: str) -> str:
     """``bf16-mixed`` where the device of ``trainer.accelerator`` computes bfloat16 natively (a CPU
-    with AVX512-BF16 or AMX, a CUDA GPU from Ampere on), else ``32-true``: emulated bfloat16 is
-    slower than float32 (docs/speed.md, "bf16 mixed precision: what it changes per CPU")."""
+    with AVX512-BF16 or AMX that ``ONEDNN_MAX_CPU_ISA`` does not cap below them, a CUDA GPU from
+    Ampere on), else ``32-true``: emulated bfloat16 is slower than float32, 14x on an AVX2 cap
+    (docs/speed.md, "bf16 mixed precision: what it changes per CPU")."""
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     else:
-        native = accelerator in ("cpu", "auto") and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+        native = (accelerator in ("cpu", "auto") and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+                  and onednn_allows_bf16(os.environ.get("ONEDNN_MAX_CPU_ISA")))
     return "bf16-mixed" if native else "32-true"
 
 
