@@ -124,6 +124,13 @@ def test_the_step_schedule_decays_every_few_epochs_down_to_its_floor():
     assert seen.lrs == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.03, 0.03])
 
 
+def test_the_tail_schedule_keeps_the_lr_then_anneals_it_to_zero_over_the_last_share_of_the_budget():
+    sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+    seen = LearningRates()
+    fit(vae_module(optimizer=sgd, lr_schedule="tail", lr_tail=0.5), 10, callbacks=[seen])
+    assert seen.lrs == pytest.approx([0.1] * 6 + [0.08, 0.06, 0.04, 0.02])  # at step k of 10: (1 - k/10) / 0.5, at most 1
+
+
 def test_with_a_time_limit_the_schedule_follows_whichever_budget_is_further_spent(monkeypatch):
     from pytorch_lightning.callbacks import Timer
 
@@ -194,7 +201,8 @@ def test_trainer_level_clipping_is_refused_with_the_option_to_use(quick_override
     ({"iwae_k": -1}, "eval.iwae_k must be a non-negative integer, got -1"),
     ({"gradient_clip_val": 0}, "lit.gradient_clip_val must be positive or null"),
     ({"accumulate_grad_batches": 0}, "lit.accumulate_grad_batches must be a positive integer"),
-    ({"lr_schedule": "linear"}, "lit.lr_schedule='linear' must be one of constant, cosine, step"),
+    ({"lr_schedule": "linear"}, "lit.lr_schedule='linear' must be one of constant, cosine, step, tail"),
+    ({"lr_schedule": "tail", "lr_tail": 0}, "lit.lr_tail must be the share of the budget"),
     ({"lr_step": {"epochs": 0, "factor": 0.5, "lowest": 0.1}}, r"lit.lr_step must be \{epochs: a positive integer"),
     ({"optimizer": lambda p: torch.optim.Adam(p, lr=-1.0)}, "lit.optimizer: Invalid learning rate"),
 ])

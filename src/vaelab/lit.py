@@ -50,6 +50,7 @@ class LitModel(pl.LightningModule):
         optimizer: Optimizer | None = None,
         lr_schedule: str = "constant",
         lr_step: Mapping | None = None,
+        lr_tail: float = 0.2,
         gradient_clip_val: float | None = None,
         accumulate_grad_batches: int = 1,
         compile: bool = False,
@@ -61,7 +62,7 @@ class LitModel(pl.LightningModule):
         model_config: Mapping | None = None,
     ) -> None:
         super().__init__()
-        self.schedule = LRSchedule(lr_schedule, lr_step)
+        self.schedule = LRSchedule(lr_schedule, lr_step, lr_tail)
         self.stepping = Stepping(gradient_clip_val, accumulate_grad_batches)
         if not (isinstance(iwae_k, int) and iwae_k >= 0):
             raise ValueError(f"eval.iwae_k must be a non-negative integer, got {iwae_k}.")
@@ -88,7 +89,7 @@ class LitModel(pl.LightningModule):
         # resolved values (the objective's alpha) are saved, so checkpoints and loggers show what trained
         self.save_hyperparameters({
             "model": model_kind(model), "objective": objective.settings() if objective else None,
-            "lr_schedule": lr_schedule, "lr_step": self.schedule.lr_step, "gradient_clip_val": gradient_clip_val,
+            "lr_schedule": lr_schedule, "lr_step": self.schedule.lr_step, "lr_tail": self.schedule.lr_tail, "gradient_clip_val": gradient_clip_val,
             "accumulate_grad_batches": accumulate_grad_batches, "ema_decay": ema_decay, "labeled": self.data.labeled,
             "train_size": self.data.train_size, "model_config": dict(model_config or {}),
         })
