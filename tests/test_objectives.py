@@ -4,13 +4,15 @@ the errors, naming the objective, for the rest."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from vaelab.elbo import dreg_surrogate, iwae_bound
 from vaelab.lit import LitModel
 from vaelab.models import M2, VAE
-from vaelab.objectives import ELBO, IWAE, DataFacts, SemiSupervised, random_shift
+from vaelab.objectives import ELBO, IWAE, DataFacts, SemiSupervised, random_rotation, random_shift
 from vaelab.train import train
 from conftest import compose_config
 from test_lit import batches, fit
@@ -186,6 +188,47 @@ def test_random_shift_moves_each_image_by_its_own_offset_within_the_bound():
         random_shift(images.flatten(1), 1)
 
 
+def test_random_rotation_turns_each_image_about_its_centre_by_its_own_angle_within_the_bound():
+    """A 3 x 3 dot 12 pixels right of the centre of a 41 x 41 image stays about 12 pixels from the
+    centre, at an angle within +-20 degrees that differs between images; pixel values are kept."""
+    torch.manual_seed(0)
+    images = torch.zeros(300, 1, 41, 41)
+    images[:, :, 19:22, 31:34] = 1.0
+    turned = random_rotation(images, 20.0)
+    assert set(turned.unique().tolist()) == {0.0, 1.0}  # nearest pixels: binary images stay binary
+    angles = []
+    for image in turned[:, 0]:
+        rows, cols = image.nonzero(as_tuple=True)
+        dy, dx = rows.float().mean() - 20, cols.float().mean() - 20
+        assert abs(math.hypot(dx, dy) - 12) < 1.0
+        angles.append(math.degrees(math.atan2(dy, dx)))
+    assert max(map(abs, angles)) < 20 + 5  # within the bound, give or take one pixel at radius 12
+    assert min(angles) < -12 and max(angles) > 12  # turned both ways, by different angles
+    assert random_rotation(images, 0.0) is images
+    with pytest.raises(ValueError, match=r"image batches of shape \(N, C, H, W\)"):
+        random_rotation(images.flatten(1), 10.0)
+
+
+@pytest.mark.parametrize("unlabeled_weight", [1.0, 0.0])
+def test_labeled_rotation_trains_on_turned_labeled_images_after_the_shift(unlabeled_weight):
+    """The loss with labeled_shift and labeled_rotation equals the loss without them on labeled
+    images shifted, then turned, by the same draws."""
+    m2 = tiny_m2()
+    (x, y), unlabeled = images(), (images()[0].flip(0), torch.full((6,), -1))
+    torch.manual_seed(3)
+    augmented_loss, _ = SemiSupervised(alpha=1.0, unlabeled_weight=unlabeled_weight, labeled_shift=1, labeled_rotation=30.0)(
+        m2, {"labeled": (x, y), "unlabeled": unlabeled}, 0
+    )
+    torch.manual_seed(3)
+    moved = random_rotation(random_shift(x, 1), 30.0)
+    loss, _ = SemiSupervised(alpha=1.0, unlabeled_weight=unlabeled_weight)(m2, {"labeled": (moved, y), "unlabeled": unlabeled}, 0)
+    torch.manual_seed(3)
+    shifted = random_shift(x, 1)
+    shifted_loss, _ = SemiSupervised(alpha=1.0, unlabeled_weight=unlabeled_weight)(m2, {"labeled": (shifted, y), "unlabeled": unlabeled}, 0)
+    assert not torch.equal(moved, shifted)
+    assert torch.allclose(augmented_loss, loss) and not torch.allclose(augmented_loss, shifted_loss)
+
+
 @pytest.mark.parametrize("unlabeled_weight", [1.0, 0.0])
 def test_labeled_shift_trains_on_shifted_labeled_images_and_leaves_the_unlabeled_alone(unlabeled_weight):
     """The loss with labeled_shift equals the loss without it on labeled images shifted by the same
@@ -217,6 +260,8 @@ def test_labeled_shift_trains_on_shifted_labeled_images_and_leaves_the_unlabeled
         (lambda: SemiSupervised(unlabeled_weight=-0.5), "objective.unlabeled_weight must be >= 0"),
         (lambda: SemiSupervised(labeled_shift=-1), "objective.labeled_shift must be a whole number of pixels >= 0"),
         (lambda: SemiSupervised(labeled_shift=1.5), "objective.labeled_shift must be a whole number of pixels >= 0"),
+        (lambda: SemiSupervised(labeled_rotation=-5.0), r"objective.labeled_rotation must be an angle in degrees in \[0, 180\]"),
+        (lambda: SemiSupervised(labeled_rotation=270.0), r"objective.labeled_rotation must be an angle in degrees in \[0, 180\]"),
     ],
 )
 def test_objective_options_are_checked(build, message):

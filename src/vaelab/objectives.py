@@ -75,6 +75,21 @@ def random_shift(images: torch.Tensor, pixels: int) -> torch.Tensor:
     return padded[batch, torch.arange(c, device=images.device)[None, :, None, None], rows, cols]
 
 
+def random_rotation(images: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Rotate each image of an (N, C, H, W) batch about its centre by its own random angle, uniform
+    on [-degrees, degrees], taking each new pixel from its nearest source pixel (binary images stay
+    binary) and repeating the edge pixels where the source falls outside the frame."""
+    if not degrees:
+        return images
+    if images.dim() != 4:
+        raise ValueError(f"objective.labeled_rotation rotates image batches of shape (N, C, H, W), got {tuple(images.shape)}.")
+    angle = torch.deg2rad((2 * torch.rand(len(images), device=images.device) - 1) * degrees)
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1).to(images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="nearest", padding_mode="border", align_corners=False)
+
+
 def model_kind(model: LatentModel) -> str:
     """The model in words, for messages: its class, and whether it is conditional."""
     conditional = model.num_classes is not None and not model.has_classifier
@@ -212,7 +227,9 @@ class SemiSupervised(KLWarmup, Objective):
     more than their share of the unlabeled batch (``elbo.marginal_kl``). ``kl_warmup_steps`` as
     in ``ELBO``, in both bounds. ``labeled_shift`` = s > 0 translates every labeled image by a
     fresh random offset of up to s pixels each step (``random_shift``), in L(x,y) and CE alike:
-    the labels are few, their translations many. Unlabeled images and evaluation are untouched."""
+    the labels are few, their translations many; ``labeled_rotation`` = d > 0 then turns each by
+    a fresh random angle of up to d degrees (``random_rotation``). Unlabeled images and evaluation
+    are untouched."""
 
     name = "semisupervised"
 
@@ -224,6 +241,7 @@ class SemiSupervised(KLWarmup, Objective):
         class_balance: float = 0.0,
         kl_warmup_steps: int = 0,
         labeled_shift: int = 0,
+        labeled_rotation: float = 0.0,
     ) -> None:
         super().__init__(kl_warmup_steps)
         if alpha is not None and not alpha >= 0:
@@ -236,7 +254,9 @@ class SemiSupervised(KLWarmup, Objective):
             raise ValueError(f"objective.class_balance must be >= 0, got {class_balance}.")
         if isinstance(labeled_shift, bool) or not isinstance(labeled_shift, int) or labeled_shift < 0:
             raise ValueError(f"objective.labeled_shift must be a whole number of pixels >= 0 (0: off), got {labeled_shift!r}.")
-        self.labeled_shift = labeled_shift
+        if isinstance(labeled_rotation, bool) or not isinstance(labeled_rotation, (int, float)) or not 0 <= labeled_rotation <= 180:
+            raise ValueError(f"objective.labeled_rotation must be an angle in degrees in [0, 180] (0: off), got {labeled_rotation!r}.")
+        self.labeled_shift, self.labeled_rotation = labeled_shift, labeled_rotation
         self._alpha = alpha  # as configured; ``alpha`` as resolved by ``check``
         self.alpha, self.weighting, self.unlabeled_weight, self.class_balance = alpha, weighting, unlabeled_weight, class_balance
         self.labeled_share: float | None = None
@@ -263,7 +283,7 @@ class SemiSupervised(KLWarmup, Objective):
 
     def __call__(self, model: LatentModel, batch, step: int) -> tuple[torch.Tensor, Metrics]:
         (x_lab, y_lab), (x_unlab, _) = batch["labeled"], batch["unlabeled"]
-        x_lab = random_shift(x_lab, self.labeled_shift)
+        x_lab = random_rotation(random_shift(x_lab, self.labeled_shift), self.labeled_rotation)
         lab = model.bound(x_lab, y_lab)
         lab_bound = self.warmed(lab, step).mean()
         w_lab, w_unlab = (self.labeled_share, 1 - self.labeled_share) if self.weighting == "data" else (1, 1)
