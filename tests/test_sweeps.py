@@ -237,26 +237,33 @@ SWEPT = {
     "lit.optimizer.lr": lambda module, data: module.configure_optimizers().param_groups[0]["lr"],
     "model.z_dim": lambda module, data: module.model.z_dim,
     "objective.alpha": lambda module, data: module.objective.alpha,
+    "objective.class_balance": lambda module, data: module.objective.class_balance,
+    "objective.labeled_shift": lambda module, data: module.objective.labeled_shift,
+    "objective.labeled_rotation": lambda module, data: module.objective.labeled_rotation,
     "data.labeled_batch_size": lambda module, data: data.labeled_batch_size,
 }
 
 
 def test_wandb_sweep_parameters_reach_what_they_set():
-    """Every parameter of sweeps/ssvae_wandb.yaml is an override of train.yaml that reaches the
-    optimizer, model, objective or data that train.py builds, with the command's fixed arguments."""
+    """sweeps/ssvae_wandb.yaml searches the parameters of hparams_search=ssvae_optuna, each an
+    override of train.yaml that reaches the optimizer, model, objective or data that train.py
+    builds, with the command's fixed arguments."""
     spec = yaml.safe_load((REPO_ROOT / "sweeps" / "ssvae_wandb.yaml").read_text())  # W&B's syntax, not OmegaConf's
     assert (REPO_ROOT / spec["program"]).is_file() and "${args_no_hyphens}" in spec["command"]
     fixed = [arg for arg in spec["command"] if "=" in arg]
     assert metric_direction(spec["metric"]["name"]) == spec["metric"]["goal"]
-    assert set(spec["parameters"]) == set(SWEPT)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        optuna_space = compose(config_name="train", overrides=["hparams_search=ssvae_optuna"], return_hydra_config=True).hydra.sweeper.params
+        assert set(spec["parameters"]) == set(optuna_space) == set(SWEPT)  # the same space as the Optuna search
         base = compose(config_name="train", overrides=fixed)
         assert base.optimized_metric == spec["metric"]["name"]
+        base_data = hydra.utils.instantiate(base.data)
+        facts = SimpleNamespace(binary=True, labeled=base_data.labeled, train_size=50_000)
+        base_module = vaelab.train.build(base, facts)
         for name, space in spec["parameters"].items():
-            value = space["values"][0] if "values" in space else space["min"]
+            # a value of the space that the command's own settings do not already give
+            value = next(v for v in space.get("values", [space.get("min")]) if SWEPT[name](base_module, base_data) != pytest.approx(v))
             cfg = compose(config_name="train", overrides=[*fixed, f"{name}={value}"])  # unknown keys fail
             data = hydra.utils.instantiate(cfg.data)
-            facts = SimpleNamespace(binary=True, labeled=data.labeled, train_size=50_000)
             module = vaelab.train.build(cfg, facts)
             assert SWEPT[name](module, data) == pytest.approx(value), name
-            assert SWEPT[name](vaelab.train.build(base, facts), hydra.utils.instantiate(base.data)) != pytest.approx(value), name
