@@ -119,6 +119,19 @@ def budgeted_sdgm(minutes: float, extra: list[str], smoke: bool, data_dir: str |
         return json.loads(done.stdout[done.stdout.index("{"):])
 
 
+def recorded(summary: dict) -> dict:
+    """The registry's figures of a ``summary``: each measure of the epochs by model, then the
+    device and the budgeted SDGM run."""
+    epochs = summary["epochs"]
+    figures = {"metric": "the second epoch of each model: training s, images/s, validation s",
+               **{measure: {name: epoch[measure] for name, epoch in epochs.items()}
+                  for measure in ("train_epoch_s", "images_per_s", "val_epoch_s", "steps_per_epoch", "precision")},
+               "device": summary["device"]}
+    if "sdgm_100_labels" in summary:
+        figures["sdgm_100_labels"] = summary["sdgm_100_labels"]
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -148,7 +161,7 @@ def main() -> None:
         }
     print(json.dumps(summary, indent=2))
     if not args.smoke:
-        append("gpu.py", summary, overrides=base, precision=None, seeds=[42], split_seeds=[0],
+        append("gpu.py", recorded(summary), overrides=base, precision=None, seeds=[42], split_seeds=[0],
                budget=f"2 epochs per model; SDGM {args.minutes:g} minutes", shared=args.shared,
                variant=" ".join(args.variant) or None, setting="gpu")
 

@@ -123,9 +123,9 @@ def epochs_cell(record: dict) -> str:
     return f"{figures['epochs']}" + (f" ({fmt(figures['seconds_per_epoch'])} s)" if figures.get("seconds_per_epoch") else "")
 
 
-def extra(record: dict) -> str:
-    """The figures the columns leave out, as 'key: value' pairs."""
-    return "; ".join(f"{key}: {fmt(v)}" for key, v in record["figures"].items() if key not in SHOWN and v is not None)
+def extra(record: dict, shown: set[str] = SHOWN) -> str:
+    """The figures the table's columns (``shown``) leave out, as 'key: value' pairs."""
+    return "; ".join(f"{key}: {fmt(v)}" for key, v in record["figures"].items() if key not in shown and v is not None)
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -186,13 +186,13 @@ def superseded(records: list[dict]) -> list[str]:
     return table(["record", "setting", "variant", "figure", "final", "best", "date", "why superseded", "superseded by"], rows)
 
 
-def details(found: list[dict]) -> list[str]:
-    """Each record's command, its other figures and its notes, one item each."""
+def details(found: list[dict], shown: set[str] = SHOWN) -> list[str]:
+    """Each record's command, its figures outside the columns (``shown``) and its notes, one item each."""
     lines = ["", "Commands and notes:", ""]
     for r in found:
         parts = [f"`{r['command']}`"]
-        if extra(r):
-            parts.append(extra(r))
+        if extra(r, shown):
+            parts.append(extra(r, shown))
         if r.get("notes"):
             parts.append(r["notes"])
         if r.get("source"):
@@ -211,10 +211,10 @@ def setting(records: list[dict], prefix: str) -> list[str]:
 
 
 def script(records: list[dict], name: str) -> list[str]:
-    found = [r for r in records if r["script"] == name]
-    rows = [[f"`{r['id']}`", fmt(r.get("variant")), r["figures"].get("metric", "-"), extra(r) or "-", machine_label(r), shared(r), r["date"][:10], r["status"]]
+    found, shown = [r for r in records if r["script"] == name], {"metric"}  # every other figure goes in the figures column
+    rows = [[f"`{r['id']}`", fmt(r.get("variant")), r["figures"].get("metric", "-"), extra(r, shown) or "-", machine_label(r), shared(r), r["date"][:10], r["status"]]
             for r in found]
-    return table(["record", "variant", "what", "figures", "machine", "load", "date", "status"], rows) + details(found)
+    return table(["record", "variant", "what", "figures", "machine", "load", "date", "status"], rows) + details(found, shown)
 
 
 def view(name: str, records: list[dict]) -> str:

@@ -82,6 +82,9 @@ def test_the_gpu_benchmark_runs_every_part_end_to_end_with_smoke(mnist_dir, tmp_
     sdgm = report["sdgm_100_labels"]
     assert sdgm["epochs"] == 1 and 0 <= sdgm["val_error"] <= 100 and 0 <= sdgm["test_error_final"] <= 100
     assert not registry.exists()  # a smoke run measures nothing and records nothing
+    figures = load("gpu").recorded(report)  # what a measured run records: each measure by model
+    assert figures["train_epoch_s"] == {name: epoch["train_epoch_s"] for name, epoch in report["epochs"].items()}
+    assert set(figures["images_per_s"]) == set(figures["precision"]) == set(report["epochs"]) and figures["sdgm_100_labels"] == sdgm
 
 
 def test_the_gpu_benchmark_without_a_gpu_points_to_smoke():

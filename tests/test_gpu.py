@@ -8,6 +8,7 @@ import hydra
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import CombinedLoader
 
 from conftest import compose_config
 from vaelab.train import build, train
@@ -49,7 +50,9 @@ def test_training_steps_and_batches_on_the_gpu_never_wait_for_it(model, mnist_di
         loader = datamodule.train_dataloader()
         torch.cuda.set_sync_debug_mode("error")
         for _, batch in zip(range(3), loader):
-            datamodule.preprocess_batch(batch[0] if isinstance(batch, tuple) else batch, train=True)
+            if isinstance(loader, CombinedLoader):  # it yields (batch, batch_idx, dataloader_idx)
+                batch = batch[0]
+            datamodule.preprocess_batch(batch, train=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

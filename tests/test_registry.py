@@ -106,6 +106,17 @@ def test_render_places_each_kind_of_machine_in_its_column():
     assert render.machine_class({"machine": {"cpu": {**cpu, "isa": None, "isa_cap": None}, "gpu": None}}) == "CPU, ISA not recorded"
 
 
+def test_a_scripts_table_shows_every_figure_but_its_metric():
+    """A script's table has no columns for epochs or final figures: they go in its figures column."""
+    record = {"id": "abc", "script": "gpu.py", "variant": None, "command": "python benchmarks/gpu.py", "date": "2026-12-04",
+              "status": "current", "shared": False, "machine": {"cpu": {"threads": 4}, "gpu": "H200", "gpu_count": 1},
+              "figures": {"metric": "seconds", "epochs": {"vae": 2.5}, "final": 1.25}}
+    row, note = render.script([record], "gpu.py")[2], render.script([record], "gpu.py")[-1]
+    for text in (row, note):
+        assert "epochs: vae 2.5" in text and "final: 1.25" in text and "metric:" not in text
+    assert "| seconds |" in row
+
+
 def test_the_benchmark_scripts_append_to_the_registry():
     for name in ("m2_mnist", "paper_table", "search_pruning", "m1_features", "data_path"):
         source = (REPO_ROOT / "benchmarks" / f"{name}.py").read_text()
