@@ -191,8 +191,8 @@ def details(found: list[dict], shown: set[str] = SHOWN) -> list[str]:
     lines = ["", "Commands and notes:", ""]
     for r in found:
         parts = [f"`{r['command']}`"]
-        if extra(r, shown):
-            parts.append(extra(r, shown))
+        if figures := extra(r, shown):
+            parts.append(figures)
         if r.get("notes"):
             parts.append(r["notes"])
         if r.get("source"):

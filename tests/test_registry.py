@@ -111,7 +111,8 @@ def test_a_scripts_table_shows_every_figure_but_its_metric():
     record = {"id": "abc", "script": "gpu.py", "variant": None, "command": "python benchmarks/gpu.py", "date": "2026-12-04",
               "status": "current", "shared": False, "machine": {"cpu": {"threads": 4}, "gpu": "H200", "gpu_count": 1},
               "figures": {"metric": "seconds", "epochs": {"vae": 2.5}, "final": 1.25}}
-    row, note = render.script([record], "gpu.py")[2], render.script([record], "gpu.py")[-1]
+    lines = render.script([record], "gpu.py")
+    row, note = lines[2], lines[-1]
     for text in (row, note):
         assert "epochs: vae 2.5" in text and "final: 1.25" in text and "metric:" not in text
     assert "| seconds |" in row
