@@ -3,7 +3,9 @@ config, restarted jobs resuming, the Optuna search and the W&B sweep spec."""
 
 from __future__ import annotations
 
+import importlib
 import subprocess
+import sys
 from types import SimpleNamespace
 
 import hydra
@@ -112,6 +114,24 @@ def test_the_search_direction_follows_the_metric():
             assert cfg.hydra.sweeper.direction == direction
             assert cfg.hydra.sweeper._target_ == "hydra_plugins.vaelab_optuna.OptunaSweeper"
 
+
+
+def test_the_configured_sweeper_builds_its_sampler_and_pruner():
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["hparams_search=ssvae_optuna"], return_hydra_config=True)
+    search = hydra.utils.instantiate(cfg.hydra.sweeper).search
+    assert isinstance(search.sampler, optuna.samplers.TPESampler) and isinstance(search.pruner, optuna.pruners.MedianPruner)
+    assert search.params == OmegaConf.to_container(cfg.hydra.sweeper.params) and search.n_trials == cfg.hydra.sweeper.n_trials
+
+
+def test_without_optuna_hydra_still_loads_the_plugin_and_a_search_says_how_to_install_it(monkeypatch):
+    """Hydra imports every plugin on every run: the Optuna extra must not be needed for that."""
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna now fails as if it were not installed
+    for name in ("vaelab.search", "hydra_plugins.vaelab_optuna"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    plugin = importlib.import_module("hydra_plugins.vaelab_optuna")
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'vaelab\[optuna\]'"):
+        plugin.OptunaSweeper(study_name="s", storage=None, direction="maximize", n_trials=1)
 
 def validation(metric: str, value: float, step: int) -> SimpleNamespace:
     """What a pruning callback reads from the trainer after a validation."""

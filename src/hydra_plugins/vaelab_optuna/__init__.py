@@ -6,16 +6,25 @@ from __future__ import annotations
 
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
+from hydra.utils import instantiate
 from omegaconf import DictConfig
-
-from vaelab.search import OptunaSearch
 
 
 class OptunaSweeper(Sweeper):
     """Searches with Optuna, pruning trials from their validation curves; see vaelab.search."""
 
     def __init__(self, **options) -> None:
-        self.search = OptunaSearch(**options)
+        # Optuna is an extra: imported here, not when Hydra scans its plugins on every run, and its
+        # sampler and pruner are built only once it is known to be there (the config is not recursive)
+        try:
+            from vaelab.search import OptunaSearch
+        except ModuleNotFoundError as error:
+            if error.name != "optuna":
+                raise
+            raise ModuleNotFoundError(
+                "hydra/sweeper=optuna (hparams_search=...) searches with Optuna, which is not installed: pip install 'vaelab[optuna]'."
+            ) from error
+        self.search = OptunaSearch(**instantiate(options, _convert_="all"))
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.search.setup(hydra_context=hydra_context, task_function=task_function, config=config)
