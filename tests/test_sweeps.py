@@ -130,7 +130,7 @@ def test_without_optuna_hydra_still_loads_the_plugin_and_a_search_says_how_to_in
     for name in ("vaelab.search", "hydra_plugins.vaelab_optuna"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     plugin = importlib.import_module("hydra_plugins.vaelab_optuna")
-    with pytest.raises(ModuleNotFoundError, match=r"pip install 'vaelab\[optuna\]'"):
+    with pytest.raises(ModuleNotFoundError, match=r'pip install -e "\.\[optuna\]"'):
         plugin.OptunaSweeper(study_name="s", storage=None, direction="maximize", n_trials=1)
 
 def validation(metric: str, value: float, step: int) -> SimpleNamespace:

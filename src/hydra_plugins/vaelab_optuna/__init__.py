@@ -22,7 +22,8 @@ class OptunaSweeper(Sweeper):
             if error.name != "optuna":
                 raise
             raise ModuleNotFoundError(
-                "hydra/sweeper=optuna (hparams_search=...) searches with Optuna, which is not installed: pip install 'vaelab[optuna]'."
+                "hydra/sweeper=optuna (hparams_search=...) searches with Optuna, which is not installed: "
+                'run pip install -e ".[optuna]" in the repository.'
             ) from error
         self.search = OptunaSearch(**instantiate(options, _convert_="all"))
 
