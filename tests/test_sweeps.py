@@ -115,7 +115,6 @@ def test_the_search_direction_follows_the_metric():
             assert cfg.hydra.sweeper._target_ == "hydra_plugins.vaelab_optuna.OptunaSweeper"
 
 
-
 def test_the_configured_sweeper_builds_its_sampler_and_pruner():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["hparams_search=ssvae_optuna"], return_hydra_config=True)
@@ -132,6 +131,7 @@ def test_without_optuna_hydra_still_loads_the_plugin_and_a_search_says_how_to_in
     plugin = importlib.import_module("hydra_plugins.vaelab_optuna")
     with pytest.raises(ModuleNotFoundError, match=r'pip install -e "\.\[optuna\]"'):
         plugin.OptunaSweeper(study_name="s", storage=None, direction="maximize", n_trials=1)
+
 
 def validation(metric: str, value: float, step: int) -> SimpleNamespace:
     """What a pruning callback reads from the trainer after a validation."""
