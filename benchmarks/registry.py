@@ -15,7 +15,8 @@ defaults themselves) and ``status``: ``current``, or ``superseded`` with a ``rea
 ``metric``, ``final`` (the final checkpoint), ``best`` (the best one), ``best_by`` (the metric that
 chose it) and ``best_labels`` (how many labeled validation images that choice read). Records
 migrated from earlier prose carry ``migrated: true`` and their ``source``; what the prose did not
-say is null.
+say is null. ``GOALS`` are the targets (a figure of a setting, on a kind of machine, within a
+budget, on each split seed) that ``render.py`` holds the records against.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import platform
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,46 @@ PUBLISHED: dict[str, tuple[str, float | None, str]] = {
     "sdgm_mnist_100": ("test error, %", 1.32, "Maaloe et al. 2016, SDGM"),
     "sdgm_svhn_1000": ("test error, %", 16.61, "Maaloe et al. 2016, SDGM"),
 }
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A target the project measures itself against: ``figure`` (a key of a record's figures; ``a.b``
+    reads ``figures["a"]["b"]``) of ``setting`` at most ``bound`` (at least, with ``at_least``), on
+    a machine of kind ``machine`` (None: any), within a budget of at most ``minutes`` (None: any
+    budget, e.g. for a figure that is itself a time), on each of ``split_seeds`` (empty: no split).
+    ``stretch`` is a harder bound of the same figure."""
+
+    what: str
+    setting: str
+    figure: str
+    bound: float
+    unit: str
+    machine: str | None = None
+    minutes: float | None = None
+    split_seeds: tuple[int, ...] = ()
+    stretch: float | None = None
+    at_least: bool = False
+
+    def met(self, value: float | None, bound: float) -> bool:
+        return value is not None and (value >= bound if self.at_least else value <= bound)
+
+
+SEEDS = (0, 1, 2, 3, 4)
+# the time-to-accuracy and speed goals; rendered, each against the records that answer it, by ``render.py``
+GOALS: list[Goal] = [
+    Goal("M2, 100 labels: 88 % validation accuracy within 12 minutes", "m2_mnist_100", "minutes_to_val_acc.88", 12, " min",
+         machine="AVX2-only CPU", split_seeds=SEEDS),
+    Goal("M2, 100 labels: final test error within 60 minutes", "m2_mnist_100", "final", 8, " %",
+         machine="AVX2-only CPU", minutes=60, split_seeds=SEEDS, stretch=5),
+    Goal("SDGM, 100 labels: final test error within 60 minutes", "sdgm_mnist_100", "final", 2.5, " %",
+         machine="AVX2-only CPU", minutes=60, split_seeds=SEEDS, stretch=2),
+    Goal("SDGM, 100 labels: final test error within 10 minutes", "sdgm_mnist_100", "final", 2, " %",
+         machine="GPU", minutes=10, split_seeds=SEEDS),
+    Goal("VAE: training epoch", "gpu", "train_epoch_s.vae", 1, " s", machine="GPU"),
+    Goal("M2: training epoch", "gpu", "train_epoch_s.ssvae", 3, " s", machine="GPU"),
+    Goal("M2: epoch speed over Pyro's ss_vae_M2.py, one core each", "speed_pyro", "epoch_speed_vs_pyro", 1.3, "×", at_least=True),
+]
 
 # /proc/cpuinfo flags that change how fast a model trains (and in which precision)
 SPEED_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16"}

@@ -8,6 +8,8 @@ of docs/, benchmarks/README.md and benchmarks/results/*.md; NAME says what it sh
   CPU, GPU);
 - ``paper``: the current figures beside the published ones and their sources;
 - ``superseded``: the records that no longer describe the current defaults, and why;
+- ``goals``: each goal of ``GOALS`` with, for each variant, the records that answer it and whether
+  they meet it;
 - ``setting:PREFIX``: every record whose setting starts with PREFIX (a model's page), then their
   commands and notes;
 - ``script:NAME``: every record of one benchmark script.
@@ -26,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # registry.py beside this file, also when imported by path
 
-from registry import PUBLISHED, ROOT, load  # noqa: E402
+from registry import GOALS, PUBLISHED, ROOT, Goal, load  # noqa: E402
 
 BLOCK = re.compile(r"(<!-- results:(?P<name>[^ ]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 
@@ -186,6 +188,95 @@ def superseded(records: list[dict]) -> list[str]:
     return table(["record", "setting", "variant", "figure", "final", "best", "date", "why superseded", "superseded by"], rows)
 
 
+def budget_minutes(record: dict) -> float | None:
+    """The budget of a record that ran for a time ("12 minutes"); None for budgets in epochs or steps."""
+    found = re.fullmatch(r"(\d+(?:\.\d+)?) minutes?", record.get("budget") or "")
+    return float(found.group(1)) if found else None
+
+
+def goal_figure(record: dict, key: str) -> tuple[bool, float | None]:
+    """Whether the record measured ``key`` (``a.b``: ``figures["a"]["b"]``), and its value; None
+    when measured but not reached (a time to an accuracy the run never had)."""
+    value: Any = record["figures"]
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return False, None
+        value = value[part]
+    return True, value if isinstance(value, (int, float)) else None
+
+
+def answers(goal: Goal, records: list[dict]) -> dict[str | None, dict[int | None, dict]]:
+    """variant -> split seed (None without a split) -> the record that answers the goal there, of
+    the current records of the goal's setting and kind of machine, within its budget, that measured
+    its figure: one that meets the goal (and its stretch), else the one with the most threads, the
+    longest budget, the latest."""
+    def rank(r: dict) -> tuple:
+        figure = goal_figure(r, goal.figure)[1]
+        stretch = goal.stretch is not None and goal.met(figure, goal.stretch)
+        return goal.met(figure, goal.bound), stretch, r["machine"]["cpu"].get("threads") or 0, budget_minutes(r) or 0, r["date"]
+
+    found: dict[str | None, dict[int | None, dict]] = {}
+    for r in records:
+        minutes = budget_minutes(r)
+        if (r["status"] != "current" or r["setting"] != goal.setting or not goal_figure(r, goal.figure)[0]
+                or (goal.machine and machine_class(r) != goal.machine)
+                or (goal.minutes is not None and (minutes is None or minutes > goal.minutes))):
+            continue
+        if goal.split_seeds:
+            if len(r["split_seeds"] or []) != 1 or r["split_seeds"][0] not in goal.split_seeds:
+                continue
+            seed = r["split_seeds"][0]
+        else:
+            seed = None
+        held = found.setdefault(r.get("variant"), {}).get(seed)
+        if held is None or rank(r) >= rank(held):
+            found[r.get("variant")][seed] = r
+    return found
+
+
+def goal_cells(goal: Goal, by_seed: dict[int | None, dict]) -> tuple[tuple[int, int], str, str]:
+    """How many of the goal's seeds one variant meets (and meets at the stretch), its figure on
+    each (with the record), and the 'met' cell."""
+    def met(bound: float) -> int:
+        return sum(goal.met(goal_figure(r, goal.figure)[1], bound) for r in by_seed.values())
+
+    def shown(seed: int | None) -> str:
+        r = by_seed.get(seed)
+        if r is None:
+            return "not measured"
+        figure = goal_figure(r, goal.figure)[1]
+        return f"{'not reached' if figure is None else fmt(figure) + goal.unit} (`{r['id']}`, {r['budget']})"
+
+    counts = met(goal.bound), met(goal.stretch) if goal.stretch is not None else 0
+    if not goal.split_seeds:
+        return counts, shown(None), "yes" if met(goal.bound) else "no"
+    count = f"{met(goal.bound)} of {len(goal.split_seeds)} seeds"
+    if goal.stretch is not None:
+        count += f"; stretch: {met(goal.stretch)} of {len(goal.split_seeds)}"
+    return counts, "; ".join(f"seed {seed}: {shown(seed)}" for seed in goal.split_seeds), count
+
+
+def goals(records: list[dict]) -> list[str]:
+    """Each goal, one row per variant that answers it: the defaults first, then the variants that
+    meet it (then its stretch) on the most seeds."""
+    rows = []
+    for goal in GOALS:
+        sign = "≥" if goal.at_least else "≤"
+        target = f"{sign} {fmt(float(goal.bound))}{goal.unit}"
+        if goal.stretch is not None:
+            target += f" (stretch: {sign} {fmt(float(goal.stretch))}{goal.unit})"
+        where = (goal.machine or "any machine") + (f", within {fmt(float(goal.minutes))} minutes" if goal.minutes is not None else "")
+        found = answers(goal, records)
+        if not found:
+            rows.append([goal.what, target, where, "-", "not measured", "-"])
+        ranked = []
+        for variant, by_seed in found.items():
+            (count, stretch), cells, met = goal_cells(goal, by_seed)
+            ranked.append(((variant is not None, -count, -stretch, variant or ""), [goal.what, target, where, fmt(variant), cells, met]))
+        rows += [row for _, row in sorted(ranked, key=lambda item: item[0])]
+    return table(["goal", "target", "machine, budget", "variant", "figure (record, its budget)", "met"], rows)
+
+
 def details(found: list[dict], shown: set[str] = SHOWN) -> list[str]:
     """Each record's command, its figures outside the columns (``shown``) and its notes, one item each."""
     lines = ["", "Commands and notes:", ""]
@@ -220,7 +311,7 @@ def script(records: list[dict], name: str) -> list[str]:
 def view(name: str, records: list[dict]) -> str:
     """The markdown of one named table (see the module docstring)."""
     kind, _, argument = name.partition(":")
-    views = {"headline": headline, "expect": expect, "paper": paper, "superseded": superseded}
+    views = {"headline": headline, "expect": expect, "paper": paper, "superseded": superseded, "goals": goals}
     if kind in views and not argument:
         lines = views[kind](records)
     elif kind == "setting":
@@ -228,7 +319,7 @@ def view(name: str, records: list[dict]) -> str:
     elif kind == "script":
         lines = script(records, argument)
     else:
-        raise ValueError(f"Unknown results table {name!r}: use headline, expect, paper, superseded, setting:PREFIX or script:NAME")
+        raise ValueError(f"Unknown results table {name!r}: use headline, expect, paper, superseded, goals, setting:PREFIX or script:NAME")
     return "\n".join(lines) + "\n"
 
 

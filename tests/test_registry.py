@@ -123,3 +123,44 @@ def test_the_benchmark_scripts_append_to_the_registry():
         source = (REPO_ROOT / "benchmarks" / f"{name}.py").read_text()
         assert "from registry import" in source and "append(" in source, name
     assert importlib.util.find_spec("registry") is not None
+
+
+def goal_record(seed: int, final: float | None, *, budget: str = "60 minutes", threads: int = 2, isa: list[str] | None = None,
+                status: str = "current", variant: str | None = None, date: str = "2026-12-01") -> dict:
+    return {"id": f"s{seed}-{final}-{budget[:2]}-{threads}-{status[:3]}", "setting": "m2_mnist_100", "variant": variant,
+            "status": status, "split_seeds": [seed], "budget": budget, "date": date,
+            "machine": {"cpu": {"threads": threads, "isa": isa or ["AVX2"], "isa_cap": None}, "gpu": None},
+            "figures": {"final": final, "minutes_to_val_acc": {"88": final}}}
+
+
+def test_a_goal_counts_the_seeds_its_records_meet_within_its_machine_and_budget(monkeypatch):
+    goal = registry.Goal("M2: final test error", "m2_mnist_100", "final", 8, " %", machine="AVX2-only CPU", minutes=60,
+                         split_seeds=(0, 1, 2), stretch=5)
+    monkeypatch.setattr(render, "GOALS", [goal])
+    records = [
+        goal_record(0, 4.0),
+        goal_record(1, 9.0, threads=2),
+        goal_record(1, 7.5, budget="45 minutes", threads=1),  # one core, less time, and still met: it answers seed 1
+        goal_record(2, 9.5),
+        goal_record(2, 3.0, budget="90 minutes"),  # beyond the budget
+        goal_record(2, 2.0, isa=["AVX2", "AVX-512", "AVX512-BF16"]),  # another kind of machine
+        goal_record(2, 1.0, status="superseded"),
+        goal_record(0, 4.5, variant="lit.ema_decay=0.999"),
+    ]
+    header, _, defaults, variant = render.goals(records)
+    assert "≤ 8 % (stretch: ≤ 5 %)" in defaults and "| - |" in defaults
+    assert "seed 1: 7.5 % (`s1-7.5-45-1-cur`, 45 minutes)" in defaults
+    assert "seed 2: 9.5 % (`s2-9.5-60-2-cur`, 60 minutes)" in defaults
+    assert defaults.endswith("| 2 of 3 seeds; stretch: 1 of 3 |")
+    assert "lit.ema_decay=0.999" in variant and "seed 1: not measured" in variant
+    assert variant.endswith("| 1 of 3 seeds; stretch: 1 of 3 |")
+
+
+def test_a_time_never_reached_fails_its_goal_and_an_unanswered_goal_says_so(monkeypatch):
+    reached = registry.Goal("M2: 88 % validation accuracy", "m2_mnist_100", "minutes_to_val_acc.88", 12, " min", split_seeds=(0, 1))
+    fast = registry.Goal("VAE epoch", "gpu", "train_epoch_s.vae", 1, " s", machine="GPU")
+    monkeypatch.setattr(render, "GOALS", [reached, fast])
+    rows = render.goals([goal_record(0, None, budget="2 epochs"), goal_record(1, 11.0)])[2:]
+    assert "seed 0: not reached" in rows[0] and rows[0].endswith("| 1 of 2 seeds |")
+    assert "| VAE epoch |" in rows[1] and "not measured" in rows[1]
+    assert render.budget_minutes({"budget": "4.5 minutes"}) == 4.5 and render.budget_minutes({"budget": "300 steps"}) is None
