@@ -247,13 +247,13 @@ def goal_cells(goal: Goal, by_seed: dict[int | None, dict]) -> tuple[tuple[int, 
         figure = goal_figure(r, goal.figure)[1]
         return f"{'not reached' if figure is None else fmt(figure) + goal.unit} (`{r['id']}`, {r['budget']})"
 
-    counts = met(goal.bound), met(goal.stretch) if goal.stretch is not None else 0
+    reached, stretched = met(goal.bound), met(goal.stretch) if goal.stretch is not None else 0
     if not goal.split_seeds:
-        return counts, shown(None), "yes" if met(goal.bound) else "no"
-    count = f"{met(goal.bound)} of {len(goal.split_seeds)} seeds"
+        return (reached, stretched), shown(None), "yes" if reached else "no"
+    count = f"{reached} of {len(goal.split_seeds)} seeds"
     if goal.stretch is not None:
-        count += f"; stretch: {met(goal.stretch)} of {len(goal.split_seeds)}"
-    return counts, "; ".join(f"seed {seed}: {shown(seed)}" for seed in goal.split_seeds), count
+        count += f"; stretch: {stretched} of {len(goal.split_seeds)}"
+    return (reached, stretched), "; ".join(f"seed {seed}: {shown(seed)}" for seed in goal.split_seeds), count
 
 
 def goals(records: list[dict]) -> list[str]:
@@ -262,10 +262,10 @@ def goals(records: list[dict]) -> list[str]:
     rows = []
     for goal in GOALS:
         sign = "≥" if goal.at_least else "≤"
-        target = f"{sign} {fmt(float(goal.bound))}{goal.unit}"
+        target = f"{sign} {fmt(goal.bound)}{goal.unit}"
         if goal.stretch is not None:
-            target += f" (stretch: {sign} {fmt(float(goal.stretch))}{goal.unit})"
-        where = (goal.machine or "any machine") + (f", within {fmt(float(goal.minutes))} minutes" if goal.minutes is not None else "")
+            target += f" (stretch: {sign} {fmt(goal.stretch)}{goal.unit})"
+        where = (goal.machine or "any machine") + (f", within {fmt(goal.minutes)} minutes" if goal.minutes is not None else "")
         found = answers(goal, records)
         if not found:
             rows.append([goal.what, target, where, "-", "not measured", "-"])

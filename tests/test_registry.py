@@ -146,8 +146,12 @@ def test_a_goal_counts_the_seeds_its_records_meet_within_its_machine_and_budget(
         goal_record(2, 2.0, isa=["AVX2", "AVX-512", "AVX512-BF16"]),  # another kind of machine
         goal_record(2, 1.0, status="superseded"),
         goal_record(0, 4.5, variant="lit.ema_decay=0.999"),
+        goal_record(0, 6.0, variant="a.first_by_name=1"),  # as many seeds met, none at the stretch: after it
+        goal_record(0, 7.0, variant="z.last_by_name=1"), goal_record(1, 7.0, variant="z.last_by_name=1"),  # more seeds: first
     ]
-    header, _, defaults, variant = render.goals(records)
+    header, _, defaults, *variants = render.goals(records)
+    assert [row.split(" | ")[3] for row in variants] == ["z.last_by_name=1", "lit.ema_decay=0.999", "a.first_by_name=1"]
+    variant = variants[1]
     assert "≤ 8 % (stretch: ≤ 5 %)" in defaults and "| - |" in defaults
     assert "seed 1: 7.5 % (`s1-7.5-45-1-cur`, 45 minutes)" in defaults
     assert "seed 2: 9.5 % (`s2-9.5-60-2-cur`, 60 minutes)" in defaults
