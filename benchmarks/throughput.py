@@ -5,7 +5,7 @@ process with the same loss (``LitModel.loss``, the objective's), alternating rou
 alike. The first ``--warmup`` steps of every run are not timed. Lightning runs as
 ``python train.py`` does (CSV logging, rich progress bar) minus validation and checkpoints, and
 also bare (no logger, no progress bar); the plain loop runs in the same precision (autocast for
-bf16-mixed) and clips gradients as the recipe does. M2 (ssvae), ADGM and SDGM train with 100 labels. Prints JSON: images/s
+bf16-mixed), clips gradients and averages the weights (``lit.ema_decay``) as the recipe does. M2 (ssvae), ADGM and SDGM train with 100 labels. Prints JSON: images/s
 (unlabeled images for the semi-supervised models) and the ratios, per model, and M2's step time over the VAE's.
 ``--variant`` adds a Lightning run with more overrides to the same rounds (e.g.
 ``lit.compile=true`` or ``trainer.precision=bf16-mixed``) and reports its speed-up over the default Lightning run.
@@ -28,6 +28,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from itertools import chain
 
 import hydra
 import pytorch_lightning as pl
@@ -37,6 +38,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from registry import append, shared_option
 from vaelab import train
+from vaelab.training.ema import ema_decay
 from vaelab.utils import CONFIG_DIR
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -118,6 +120,9 @@ def plain_seconds(overrides: list[str], warmup: int, steps: int) -> float:
     datamodule.setup("fit")
     model.configure_model()
     optimizer = model.configure_optimizers()
+    # the recipe's moving average of the weights, one fused interpolation a step as WeightEMA's
+    current = [t for t in chain(model.parameters(), model.buffers()) if t.is_floating_point()] if model.ema else []
+    average = [t.detach().clone() for t in current]
     model.train()
     step, start = 0, 0.0
     while step < warmup + steps:
@@ -134,6 +139,8 @@ def plain_seconds(overrides: list[str], warmup: int, steps: int) -> float:
                 torch.nn.utils.clip_grad_norm_(model.model.parameters(), clip)
             optimizer.step()
             step += 1
+            if average:
+                torch._foreach_lerp_(average, current, 1.0 - ema_decay(model.ema.decay, step))
             if step == warmup + steps:
                 break
     return time.perf_counter() - start

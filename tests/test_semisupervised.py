@@ -288,9 +288,12 @@ def test_m2_recipe_builds_and_the_papers_setting_is_one_override_away(quick_over
     assert isinstance(recipe.model.classifier.features, ConvFeatures)
     assert encoder_widths(recipe.model) == [500, 2 * 50]  # one hidden layer, then q(z|x)'s mean and scale
     assert encoder_widths(built(quick_overrides, "model=ssvae", "net=mlp", "data.labeled=100").model) == [500, 500, 100]
-    # objective=ssvae: its own alpha (not the paper's 0.1 N / N_lab = 50), the class-balance term, shifted labels
+    # objective=ssvae: its own alpha (not the paper's 0.1 N / N_lab = 50), the class-balance term, shifted and
+    # turned labels; lit=ssvae: a moving average of the weights
     assert isinstance(recipe.objective, SemiSupervised)
-    assert (recipe.objective.alpha, recipe.objective.class_balance, recipe.objective.labeled_shift) == (10.0, 10.0, 2)
+    objective = recipe.objective
+    assert (objective.alpha, objective.class_balance, objective.labeled_shift, objective.labeled_rotation) == (10.0, 10.0, 2, 15)
+    assert recipe.ema is not None and recipe.ema.decay == 0.999
     assert recipe.configure_optimizers().param_groups[0]["lr"] == 1e-3 and recipe.stepping.gradient_clip_val == 5.0
     paper = built(quick_overrides, "experiment=m2_mnist_100")
     assert encoder_widths(paper.model) == [500, 100]
@@ -298,7 +301,11 @@ def test_m2_recipe_builds_and_the_papers_setting_is_one_override_away(quick_over
     assert not any(isinstance(layer, torch.nn.ReLU) for layer in paper.model.modules())
     assert not isinstance(paper.model.classifier.features, ConvFeatures)  # q(y|x) is the same MLP as the other networks
     assert paper.objective.alpha == pytest.approx(0.1 * 50_000 / 100) and paper.objective.class_balance == 0.0
-    assert paper.objective.labeled_shift == 0
+    assert (paper.objective.labeled_shift, paper.objective.labeled_rotation, paper.ema) == (0, 0, None)
     assert paper.configure_optimizers().param_groups[0]["lr"] == 3e-4 and paper.stepping.gradient_clip_val is None
+    for model in ("adgm", "sdgm"):  # the auxiliary models share the recipe; their papers' settings have none of it
+        assert built(quick_overrides, f"model={model}", "data.labeled=100").ema.decay == 0.999
+        authors = built(quick_overrides, f"experiment={model}_mnist_100")
+        assert (authors.objective.labeled_shift, authors.objective.labeled_rotation, authors.ema) == (0, 0, None)
     vae = built(quick_overrides, "model=vae")
     assert encoder_widths(vae.model) == [500, 500, 100] and isinstance(vae.objective, ELBO)  # no class-balance term
