@@ -112,6 +112,18 @@ def test_throughput_compares_lightning_with_a_plain_loop_and_records_it(mnist_di
     assert record["figures"]["vae_extra_ms"].startswith(f"{ms['plain']} ms a plain step + guard {extra['guard']} ")
 
 
+@pytest.mark.parametrize("decay", [None, 0.9])
+def test_throughputs_plain_loop_averages_the_weights_as_the_recipe_does(decay, quick_overrides, monkeypatch):
+    """With lit.ema_decay the plain loop interpolates every weight towards the trained one after
+    each optimizer step, with WeightEMA's decay; without it, never."""
+    from vaelab.training.ema import ema_decay
+
+    throughput, weights, lerp = load("throughput"), [], torch._foreach_lerp_
+    monkeypatch.setattr(torch, "_foreach_lerp_", lambda average, current, weight: (weights.append(weight), lerp(average, current, weight)))
+    throughput.plain_seconds([*quick_overrides, "model=vae", "data.batch_size=32", f"lit.ema_decay={decay or 'null'}"], warmup=1, steps=2)
+    assert weights == ([1 - ema_decay(decay, step) for step in (1, 2, 3)] if decay else [])
+
+
 def test_throughputs_guard_clock_counts_only_the_guards_calls_since_its_reset():
     """The guard's time of the warm-up steps is left out; the wrapped methods still do their work."""
     throughput = load("throughput")
