@@ -620,3 +620,4 @@ def test_the_run_logs_hold_lightning_and_the_metrics(mnist_dir, tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     log = (tmp_path / "eval" / "evaluate.log").read_text()
     assert "[pytorch_lightning" in log and f"Wrote {tmp_path}/eval/metrics.json" in log, log
+    assert re.search(r"\[vaelab.evaluate\]\[INFO\] - Metrics: .*test/elbo=-[0-9.]+", log), log

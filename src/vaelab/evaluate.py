@@ -24,6 +24,7 @@ from vaelab.classifier import classifier_file, load_classifier, real_image_data,
 from vaelab.data import ImageDataModule
 from vaelab.iwae import passes
 from vaelab.lit import LitModel
+from vaelab.metrics import summary
 from vaelab.models.base import LatentModel
 from vaelab.objectives import model_kind
 from vaelab.report import latent_codes, model_figures, save_figures
@@ -177,7 +178,8 @@ def write_report(cfg: DictConfig, model, metrics: dict[str, float], report: dict
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     with run_log():
-        evaluate(cfg, list(HydraConfig.get().overrides.task))
+        metrics = evaluate(cfg, list(HydraConfig.get().overrides.task))
+    log.info("Metrics: %s", summary(metrics))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Which way is better for each logged metric: checkpoints keep the best epoch and sweeps
 search in that direction (``optimized_metric``). Names are the part after ``train/``, ``val/``
-or ``test/``."""
+or ``test/``. Also the line of final metrics that train.py and evaluate.py write to their log."""
 
 from __future__ import annotations
 
@@ -29,3 +29,8 @@ def metric_mode(name: str | None) -> str:
 def metric_direction(name: str | None) -> str:
     """``maximize`` or ``minimize``, as sweepers (Optuna, W&B) spell ``metric_mode``."""
     return f"{metric_mode(name)}imize"
+
+
+def summary(metrics: dict[str, float]) -> str:
+    """The metrics as one line of the run's log: ``name=value, ...`` in name order."""
+    return ", ".join(f"{name}={value:.6g}" for name, value in sorted(metrics.items()))

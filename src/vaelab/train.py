@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vaelab.data import ImageDataModule
 from vaelab.lit import LitModel
+from vaelab.metrics import summary
 from vaelab.objectives import DataFacts
 from vaelab.utils import CONFIG_DIR, apply_extras, instantiate_callbacks, instantiate_loggers, log_hyperparameters, run_log
 from vaelab.utils.checkpoints import check_checkpoint, check_resumable, newest_readable, resume_model_config
@@ -152,7 +153,7 @@ def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
 def main(cfg: DictConfig) -> float | None:
     with run_log():
         metrics = train(cfg)
-    log.info("Metrics: %s", ", ".join(f"{name}={value:.6g}" for name, value in sorted(metrics.items())))
+    log.info("Metrics: %s", summary(metrics))
     return metric_value(metrics, cfg.optimized_metric) if cfg.get("train") else None
 
 
