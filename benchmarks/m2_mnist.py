@@ -37,6 +37,16 @@ NAMES = {"ssvae": ("m2", "M2"), "m1m2": ("m1m2", "M1+M2"), "adgm": ("adgm", "ADG
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the source checkout
 
 
+def setting_and_variant(stem: str, labeled: int, overrides: list[str], unlabeled_weight: float) -> tuple[str, str | None]:
+    """A run's registry setting and variant (its overrides). Without weight on the unlabeled
+    images the run is the labels-alone baseline, ``<stem>_mnist_<N>_labels_alone``: the override
+    that makes it so names the setting and is no variant of it."""
+    if unlabeled_weight == 0:
+        overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+") != "objective.unlabeled_weight"]
+        return f"{stem}_mnist_{labeled}_labels_alone", " ".join(overrides) or None
+    return f"{stem}_mnist_{labeled}", " ".join(overrides) or None
+
+
 def unused_stem(directory: Path, name: str) -> Path:
     """``directory / name``, or with the first suffix _2, _3, ... that no curve file (.png, .csv)
     there has yet: an earlier record's curves are never overwritten."""
@@ -139,7 +149,7 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(val)
     selection = cfg.optimized_metric
-    setting = f"{stem}_mnist_{args.labeled}"
+    setting, variant = setting_and_variant(stem, args.labeled, args.overrides, cfg.objective.get("unlabeled_weight"))
     figures = {
         "metric": "test error, %",
         "final": errors["final"],
@@ -162,7 +172,7 @@ def main() -> None:
     record = append(
         "m2_mnist.py", figures, overrides=overrides, precision=str(cfg.trainer.precision), seeds=[int(cfg.seed)],
         split_seeds=[args.split_seed], budget=f"{args.max_minutes:g} minutes" + (f", at most {args.max_epochs} epochs" if args.max_epochs < 10_000 else ""),
-        shared=args.shared, setting=setting, variant=" ".join(args.overrides) or None,
+        shared=args.shared, setting=setting, variant=variant,
         notes=f"published: {PUBLISHED[setting][1]} % ({PUBLISHED[setting][2]})" if setting in PUBLISHED else None,
     )
     print(json.dumps(record, indent=2))

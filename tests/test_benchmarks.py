@@ -169,6 +169,16 @@ def test_m2_mnist_never_writes_its_curves_over_an_earlier_records(tmp_path):
     assert unused_stem(tmp_path, "m2_mnist_100_seed1") == tmp_path / "m2_mnist_100_seed1"
 
 
+def test_m2_mnist_records_the_labels_alone_as_a_setting_of_their_own():
+    """No weight on the unlabeled images is the paper's labels-alone baseline, not a variant of M2."""
+    setting_and_variant = load("m2_mnist").setting_and_variant
+    assert setting_and_variant("m2", 100, ["objective.unlabeled_weight=0", "data.labeled_batch_size=50"], 0.0) == (
+        "m2_mnist_100_labels_alone", "data.labeled_batch_size=50")
+    assert setting_and_variant("m2", 100, ["objective.unlabeled_weight=0"], 0) == ("m2_mnist_100_labels_alone", None)
+    assert setting_and_variant("sdgm", 100, [], 1.0) == ("sdgm_mnist_100", None)
+    assert setting_and_variant("m2", 600, ["objective.unlabeled_weight=0.5"], 0.5) == ("m2_mnist_600", "objective.unlabeled_weight=0.5")
+
+
 def test_pyro_m2_compares_the_seconds_per_epoch_of_both_runs():
     """Pyro's epochs are timed from the start of both runs; the ratio is Pyro's seconds over vaelab's."""
     epochs = [(60.0, 0.65), (120.0, 0.71), (180.0, 0.70)]
