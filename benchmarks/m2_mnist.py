@@ -41,10 +41,10 @@ def setting_and_variant(stem: str, labeled: int, overrides: list[str], unlabeled
     """A run's registry setting and variant (its overrides). Without weight on the unlabeled
     images the run is the labels-alone baseline, ``<stem>_mnist_<N>_labels_alone``: the override
     that makes it so names the setting and is no variant of it."""
-    if unlabeled_weight == 0:
+    labels_alone = unlabeled_weight == 0
+    if labels_alone:
         overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+") != "objective.unlabeled_weight"]
-        return f"{stem}_mnist_{labeled}_labels_alone", " ".join(overrides) or None
-    return f"{stem}_mnist_{labeled}", " ".join(overrides) or None
+    return f"{stem}_mnist_{labeled}{'_labels_alone' if labels_alone else ''}", " ".join(overrides) or None
 
 
 def unused_stem(directory: Path, name: str) -> Path:
