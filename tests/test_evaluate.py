@@ -8,9 +8,11 @@ import math
 import subprocess
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
 
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -152,7 +154,7 @@ def test_sample_accuracy_scores_class_conditional_images(mnist_dir, tmp_path):
     assert grey.binary is False and grey.labeled is None
     torch.manual_seed(0)
     path = classifier_file(tmp_path, grey, epochs=1)
-    classifier, accuracy = build_classifier(grey, path, epochs=1, limit_train_batches=150)
+    classifier, accuracy = build_classifier(grey, path, epochs=1, limit_train_batches=300)
     assert isinstance(classifier, ImageClassifier) and path.is_file()
     cached, cached_accuracy = load_classifier(path, grey, epochs=1, min_acc=0.9)  # read back, not trained again
     assert cached_accuracy == pytest.approx(accuracy) and accuracy > 0.9
@@ -161,6 +163,23 @@ def test_sample_accuracy_scores_class_conditional_images(mnist_dir, tmp_path):
     right = sample_accuracy(ClassImages(grey), classifier, per_class=100)
     wrong = sample_accuracy(ClassImages(grey, shift=1), classifier, per_class=100)
     assert right.shape == (10,) and right.mean() > 0.9 and wrong.mean() < 0.1
+
+
+def test_the_judge_trains_on_shifted_images_with_a_rate_annealed_to_zero():
+    torch.manual_seed(0)
+    judge = ImageClassifier((1, 28, 28), 10)
+    seen = []
+    judge.net.register_forward_pre_hook(lambda net, inputs: seen.append(inputs[0].clone()))
+    dots = torch.zeros(64, 1, 28, 28)
+    dots[:, :, 13:15, 13:15] = 1  # a centred 2x2 dot: any shift keeps it whole inside the frame
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(judge, DataLoader(TensorDataset(dots, torch.zeros(64, dtype=torch.long)), batch_size=16))
+    seen = torch.cat(seen)
+    rows, cols = seen.sum(-1).argmax(-1).squeeze(1), seen.sum(-2).argmax(-1).squeeze(1)  # the dot's top-left corner
+    assert torch.equal(seen.sum((1, 2, 3)), dots.sum((1, 2, 3)).repeat(2))  # moved, not cut
+    assert (rows - 13).abs().max() == classifier_module.SHIFT and (cols - 13).abs().max() == classifier_module.SHIFT
+    assert len({(int(r), int(c)) for r, c in zip(rows, cols)}) > 10  # a fresh offset per image
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)  # annealed over all 8 steps
 
 
 def run(script: str, *overrides: str) -> subprocess.CompletedProcess:

@@ -1,6 +1,7 @@
 """An independent classifier of real images that scores class-conditional samples: the share of
 ``sample(n, y=c)`` it assigns to class c. Trained once per dataset on the real training images
-(grey levels or colour, never binarized, since samples are the mean images of p(x|z,y)) and cached
+(grey levels or colour, never binarized, since samples are the mean images of p(x|z,y); each
+training image shifted by up to ``SHIFT`` pixels, the learning rate annealed to 0) and cached
 as ``<classifier_dir>/<dataset>-<key>.pt``, the key naming everything that built it; a cached one
 whose test accuracy is under a floor is built again. (Re)build it with
 
@@ -22,17 +23,19 @@ from omegaconf import DictConfig
 from torchmetrics.classification import MulticlassAccuracy
 
 from vaelab.nets import Encoder
+from vaelab.objectives import random_shift
 from vaelab.utils import CONFIG_DIR, checkpoints
 from vaelab.utils.run import atomic_write
 
 log = logging.getLogger(__name__)
 
 NET = {"type": "conv", "channels": [32, 64], "hidden": [128], "activation": "relu"}
-LR = 1e-3  # Adam's learning rate
+LR = 1e-3  # Adam's first learning rate, annealed to 0 by a cosine over the training steps
+SHIFT = 2  # training images are translated by up to this many pixels (a fresh offset each time)
 
 
 class ImageClassifier(pl.LightningModule):
-    """A small CNN p(y|x) (``NET``) trained by cross-entropy with Adam."""
+    """A small CNN p(y|x) (``NET``) trained by cross-entropy with Adam on randomly shifted images."""
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, lr: float = LR) -> None:
         super().__init__()
@@ -45,7 +48,7 @@ class ImageClassifier(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = F.cross_entropy(self(x), y)
+        loss = F.cross_entropy(self(random_shift(x, SHIFT)), y)
         self.log("classifier/loss", loss, prog_bar=True)
         return loss
 
@@ -54,8 +57,10 @@ class ImageClassifier(pl.LightningModule):
         self.test_acc(self(x), y)
         self.log("classifier/test_acc", self.test_acc, on_epoch=True)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+    def configure_optimizers(self) -> dict:
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
 
 
 def real_image_data(data_cfg: DictConfig) -> pl.LightningDataModule:
@@ -67,7 +72,7 @@ def real_image_data(data_cfg: DictConfig) -> pl.LightningDataModule:
 
 
 def build_classifier(
-    datamodule: pl.LightningDataModule, path: Path, epochs: int = 3, limit_train_batches: int | float | None = None
+    datamodule: pl.LightningDataModule, path: Path, epochs: int = 10, limit_train_batches: int | float | None = None
 ) -> tuple[ImageClassifier, float]:
     """Train the classifier on ``datamodule``'s training split, test it, save it to ``path``;
     return it with its test accuracy on real images."""
@@ -91,7 +96,7 @@ def recipe(datamodule: pl.LightningDataModule, epochs: int) -> dict:
     """Everything that builds the classifier: the data and its split, the network, the training."""
     return {"data": datamodule.name, "input_shape": list(datamodule.input_shape), "num_classes": datamodule.num_classes,
             "val_size": getattr(datamodule, "val_size", None), "split_seed": getattr(datamodule, "split_seed", None),
-            "net": NET, "lr": LR, "epochs": epochs}
+            "net": NET, "lr": LR, "shift": SHIFT, "schedule": "cosine", "epochs": epochs}
 
 
 def classifier_file(directory: str | Path, datamodule: pl.LightningDataModule, epochs: int) -> Path:
@@ -100,7 +105,7 @@ def classifier_file(directory: str | Path, datamodule: pl.LightningDataModule, e
     return Path(directory) / f"{datamodule.name}-{key}.pt"
 
 
-def load_classifier(path: Path, datamodule: pl.LightningDataModule, epochs: int = 3, min_acc: float = 0.0) -> tuple[ImageClassifier, float]:
+def load_classifier(path: Path, datamodule: pl.LightningDataModule, epochs: int = 10, min_acc: float = 0.0) -> tuple[ImageClassifier, float]:
     """The classifier cached at ``path`` and its test accuracy on real images; built (again)
     from ``datamodule`` when the file is missing or its accuracy is under ``min_acc``. A judge
     that stays under ``min_acc`` is refused: its scores would say nothing about the samples."""
