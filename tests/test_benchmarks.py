@@ -69,6 +69,27 @@ def test_m1_features_refuses_a_run_of_another_model(tmp_path):
         load("m1_features").run_config(tmp_path / "checkpoints" / "last.ckpt")
 
 
+def test_judges_scores_one_checkpoints_samples_with_each_judge_and_records_it(quick_overrides, tmp_path):
+    run = tmp_path / "cvae"
+    result = run_script(
+        "train.py", *[o for o in quick_overrides if not o.startswith("paths.")], quick_overrides[0], f"hydra.run.dir={run}",
+        "model=cvae", "trainer.max_epochs=1", "trainer.limit_train_batches=30", "trainer.limit_val_batches=2", "test=false",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    registry = tmp_path / "registry.jsonl"
+    result = run_script("benchmarks/judges.py", str(run / "checkpoints" / "last.ckpt"), "--epochs", "1", "--seeds", "0", "1",
+                        "--per-class", "20", "--limit-train-batches", "30", "--data-dir", quick_overrides[0].split("=", 1)[1],
+                        env={"VAELAB_REGISTRY": str(registry)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(registry.read_text())["figures"]
+    assert figures["judges"].keys() == {"1 epochs, seed 0", "1 epochs, seed 1"} and figures["samples_per_class"] == 20
+    for name, scores in figures["judges"].items():
+        real, samples = map(float, scores.split(" / "))
+        assert 20 < real <= 100 and 0 <= samples <= 100  # judges better than chance after 30 batches
+        assert samples == pytest.approx(sum(figures["per_class"][name]) / 10, abs=0.1)
+    assert len(set(figures["judges"].values())) == 2  # each seed trains its own judge
+
+
 @pytest.mark.slow
 def test_the_gpu_benchmark_runs_every_part_end_to_end_with_smoke(mnist_dir, tmp_path):
     registry = tmp_path / "registry.jsonl"
