@@ -364,6 +364,7 @@ def test_the_two_stage_command_trains_evaluates_and_reuses_m1(quick_overrides, t
         "evaluate.py", f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", quick_overrides[0],  # paths.data_dir
         "model=m1m2", "model.net.hidden=[600,600]", "model.net.activation=softplus", "data.labeled=100",
         f"paths.output_dir={tmp_path / 'eval'}", "eval.iwae_k=2", "data.eval_batch_size=500", "trainer.limit_test_batches=1",
+        "eval.classifier_epochs=1",
     )  # the model is named: train() ran without Hydra, so the run has no .hydra/config.yaml to restore
     assert result.returncode == 0, result.stderr[-3000:]
     report = OmegaConf.load(tmp_path / "eval" / "metrics.json")
