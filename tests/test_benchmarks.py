@@ -41,14 +41,18 @@ def test_every_paper_table_row_builds_the_model_and_objective_it_compares(row, q
         assert build(cfg, hydra.utils.instantiate(cfg.data)).model.has_classifier == model.has_classifier
 
 
-def test_m1_features_reports_the_active_dimensions_and_accuracies_of_a_vae_run(quick_overrides, tmp_path):
-    run = tmp_path / "m1"
+def one_epoch_run(quick_overrides, run, *overrides: str):
+    """Train one short epoch with train.py into ``run``; return its last checkpoint."""
     result = run_script(
         "train.py", *[o for o in quick_overrides if not o.startswith("paths.")], quick_overrides[0], f"hydra.run.dir={run}",
-        "model.z_dim=8", "trainer.max_epochs=1", "trainer.limit_train_batches=100", "trainer.limit_val_batches=2", "test=false",
+        "trainer.max_epochs=1", "trainer.limit_val_batches=2", "test=false", *overrides,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    checkpoint = run / "checkpoints" / "last.ckpt"
+    return run / "checkpoints" / "last.ckpt"
+
+
+def test_m1_features_reports_the_active_dimensions_and_accuracies_of_a_vae_run(quick_overrides, tmp_path):
+    checkpoint = one_epoch_run(quick_overrides, tmp_path / "m1", "model.z_dim=8", "trainer.limit_train_batches=100")
     data_dir = quick_overrides[0].split("=", 1)[1]
     registry = tmp_path / "registry.jsonl"
     result = run_script("benchmarks/m1_features.py", str(checkpoint), "--split-seeds", "0", "1", "--epochs", "1", "--data-dir", data_dir,
@@ -70,14 +74,9 @@ def test_m1_features_refuses_a_run_of_another_model(tmp_path):
 
 
 def test_judges_scores_one_checkpoints_samples_with_each_judge_and_records_it(quick_overrides, tmp_path):
-    run = tmp_path / "cvae"
-    result = run_script(
-        "train.py", *[o for o in quick_overrides if not o.startswith("paths.")], quick_overrides[0], f"hydra.run.dir={run}",
-        "model=cvae", "trainer.max_epochs=1", "trainer.limit_train_batches=30", "trainer.limit_val_batches=2", "test=false",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = one_epoch_run(quick_overrides, tmp_path / "cvae", "model=cvae", "trainer.limit_train_batches=30")
     registry = tmp_path / "registry.jsonl"
-    result = run_script("benchmarks/judges.py", str(run / "checkpoints" / "last.ckpt"), "--epochs", "1", "--seeds", "0", "1",
+    result = run_script("benchmarks/judges.py", str(checkpoint), "--epochs", "1", "--seeds", "0", "1",
                         "--per-class", "20", "--limit-train-batches", "30", "--data-dir", quick_overrides[0].split("=", 1)[1],
                         env={"VAELAB_REGISTRY": str(registry)})
     assert result.returncode == 0, result.stderr[-3000:]
