@@ -353,7 +353,7 @@ def test_a_classifier_still_under_the_floor_is_refused(cached, min_acc, rebuilt,
     assert len(builds) == 1
 
 
-def test_the_classifier_cache_key_covers_what_built_it(mnist_dir, tmp_path):
+def test_the_classifier_cache_key_covers_what_built_it(mnist_dir, tmp_path, monkeypatch):
     def mnist(**options):
         return MNISTDataModule(data_dir=str(mnist_dir), **options)
 
@@ -365,6 +365,8 @@ def test_the_classifier_cache_key_covers_what_built_it(mnist_dir, tmp_path):
     svhn = real_image_data(compose_config("evaluate", [f"paths.data_dir={tmp_path}", "ckpt_path=x", "data=svhn"]).data)
     others.append(classifier_file(tmp_path, svhn, 5))
     assert others[-1].name.startswith("svhn-")
+    monkeypatch.setattr(classifier_module, "SHIFT", 0)  # a judge trained on unshifted images
+    others.append(classifier_file(tmp_path, mnist(), 5))
     assert len({path, *others}) == 1 + len(others)
 
 
