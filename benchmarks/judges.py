@@ -25,16 +25,20 @@ from omegaconf import OmegaConf
 
 import vaelab.utils  # noqa: F401  (registers the resolvers of saved run configs)
 from vaelab.classifier import build_classifier, real_image_data, sample_accuracy
-from vaelab.utils.checkpoints import load_part
+from vaelab.utils.checkpoints import OWN_TARGETS, check_targets, load_part
 from registry import append, shared_option
 
 
 def run_config(checkpoint: Path):
-    """The config of the train.py run that wrote ``checkpoint`` (``<run>/checkpoints/*.ckpt``)."""
+    """The config of the train.py run that wrote ``checkpoint`` (``<run>/checkpoints/*.ckpt``);
+    its model and data, which this script builds, may name only vaelab's classes."""
     saved = checkpoint.resolve().parent.parent / ".hydra" / "config.yaml"
     if not saved.is_file():
         raise FileNotFoundError(f"No run config ({saved}) beside {checkpoint}; give a checkpoint in <run>/checkpoints/ of a train.py run.")
-    return OmegaConf.load(saved)
+    cfg = OmegaConf.load(saved)
+    for section in ("model", "data"):
+        check_targets(cfg.get(section), OWN_TARGETS, str(saved), section)
+    return cfg
 
 
 def main() -> None:
@@ -69,11 +73,12 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 torch.manual_seed(0)  # every judge scores the same samples
                 shares = sample_accuracy(model, judge, args.per_class)
-                judges[f"{epochs} epochs, seed {seed}"] = {
+                name = f"{epochs} epochs, seed {seed}"
+                judges[name] = {
                     "real_acc": round(100 * accuracy, 2), "sample_acc": round(100 * float(shares.mean()), 2),
                     "per_class": [round(100 * float(share), 1) for share in shares], "train_s": round(seconds, 1),
                 }
-                print(json.dumps({f"{epochs} epochs, seed {seed}": judges[f"{epochs} epochs, seed {seed}"]}), flush=True)
+                print(json.dumps({name: judges[name]}), flush=True)
     figures = {
         "metric": "samples classified as their class, % (by judges of these real-test accuracies, %)",
         "judges": {name: f"{judge['real_acc']:g} / {judge['sample_acc']:g}" for name, judge in judges.items()},

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf, open_dict
 import vaelab.utils  # noqa: F401  (registers the resolvers of saved run configs)
 from vaelab.data.split import balanced_split
 from vaelab.models.m1m2 import ACTIVE_SPREAD, M1_SETTINGS, active_count, posterior_means
-from vaelab.utils.checkpoints import load_part
+from vaelab.utils.checkpoints import OWN_TARGETS, check_targets, load_part
 from registry import append, shared_option
 
 
@@ -58,6 +58,8 @@ def run_config(checkpoint: Path):
     for saved in (run / ".hydra" / "config.yaml", run.parent / ".hydra" / "config.yaml"):
         if saved.is_file():
             cfg = OmegaConf.load(saved)
+            for section in ("model", "data"):  # built below: only vaelab's classes
+                check_targets(cfg.get(section), OWN_TARGETS, str(saved), section)
             if cfg.model._target_ in ("vaelab.models.VAE", "vaelab.models.M1M2") and cfg.model.get("num_classes") in (None, cfg.data.num_classes):
                 return cfg
             raise ValueError(f"{checkpoint} belongs to a {cfg.model._target_} run; give the checkpoint of an M1 (a model=vae run, or <m1m2 run>/m1/checkpoints/last.ckpt).")

@@ -89,6 +89,15 @@ def test_judges_scores_one_checkpoints_samples_with_each_judge_and_records_it(qu
     assert len(set(figures["judges"].values())) == 2  # each seed trains its own judge
 
 
+@pytest.mark.parametrize("script", ["judges", "m1_features"])
+def test_the_checkpoint_scripts_refuse_a_run_config_that_builds_foreign_code(script, tmp_path):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text(
+        "model:\n  _target_: vaelab.models.VAE\ndata:\n  _target_: os.system\n  command: echo owned\n")
+    with pytest.raises(ValueError, match=r"asks to build 'os.system' \(at data\).*refused without running it"):
+        load(script).run_config(tmp_path / "checkpoints" / "last.ckpt")
+
+
 @pytest.mark.slow
 def test_the_gpu_benchmark_runs_every_part_end_to_end_with_smoke(mnist_dir, tmp_path):
     registry = tmp_path / "registry.jsonl"
