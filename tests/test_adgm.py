@@ -14,6 +14,7 @@ from torch.distributions import Bernoulli, Normal, kl_divergence
 from vaelab.elbo import iwae_bound
 from vaelab.models import ADGM, SDGM
 from vaelab.models.adgm import MIN_LOG_VAR, gaussian
+from vaelab.nets.conv import ConvFeatures
 from vaelab.objectives import ELBO, DataFacts, SemiSupervised
 from vaelab.train import train
 from conftest import compose_config, run_script
@@ -152,6 +153,21 @@ def test_encoding_and_reconstructing_read_q_a_given_x_once(model_class, monkeypa
     torch.testing.assert_close(given, gaussian(model.qz(x, labels, more=(model.posterior_a(x).mean,))).mean)
 
 
+@pytest.mark.parametrize("model_class", MODELS)
+def test_a_convolutional_classifier_reads_each_image_once_for_all_draws_of_a(model_class, monkeypatch):
+    """classifier_net builds q(y|a,x) alone (the other networks stay net's): its convolutions
+    run once per image, a joins the dense layer at every draw, and the bounds train them."""
+    model = tiny(model_class, classify_samples=7, classifier_net={"type": "conv", "channels": [4, 8], "hidden": [16]})
+    assert isinstance(model.qy.features, ConvFeatures) and not isinstance(model.qa.features, ConvFeatures)
+    x = images()
+    seen = []
+    forward = ConvFeatures.forward
+    monkeypatch.setattr(ConvFeatures, "forward", lambda self, h: seen.append(h.shape[0]) or forward(self, h))
+    assert model.eval().classify(x).shape == (5, 4) and seen == [5]
+    model.train().bound(x).elbo.mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.qy.features.parameters())
+
+
 def test_log_variances_have_a_floor_that_keeps_gradients_finite():
     """A learned p(a|.) whose variance collapses (an SDGM run reached log-variances of -43 and
     overflowing gradients) is held at MIN_LOG_VAR."""
@@ -192,14 +208,14 @@ def test_every_class_at_enumerates_the_classes_at_each_draw_of_a():
         torch.testing.assert_close(qz.variance[k], one.variance)
 
 
-@pytest.mark.parametrize("name", ["adgm", "sdgm"])
-def test_the_command_trains_and_evaluates(name, quick_overrides, tmp_path):
-    """model=adgm|sdgm data.labeled=100: batch-normalised networks, the classifier's accuracy and
-    the auxiliary term logged; evaluate.py reloads the checkpoint and measures the
-    importance-weighted bound and the figures."""
+@pytest.mark.parametrize("name, classifier", [("adgm", []), ("sdgm", ["model.classifier_net={type:conv,channels:[8,16],hidden:[32]}"])])
+def test_the_command_trains_and_evaluates(name, classifier, quick_overrides, tmp_path):
+    """model=adgm|sdgm data.labeled=100 (the SDGM with a convolutional q(y|a,x)):
+    batch-normalised networks, the classifier's accuracy and the auxiliary term logged;
+    evaluate.py reloads the checkpoint and measures the importance-weighted bound and the figures."""
     cfg = compose_config("train", [
         *quick_overrides, f"model={name}", "data.labeled=100", "model.net.hidden=[64]", "trainer.max_epochs=1",
-        "trainer.limit_train_batches=5", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+        "trainer.limit_train_batches=5", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", *classifier,
     ])
     assert cfg.model.net.batch_norm and cfg.model.z_dim == cfg.model.a_dim == 100
     metrics = train(cfg)
@@ -208,7 +224,7 @@ def test_the_command_trains_and_evaluates(name, quick_overrides, tmp_path):
     assert any(key.endswith("running_mean") for key in state)  # batch normalisation's statistics
     result = run_script(
         "evaluate.py", f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", quick_overrides[0],  # paths.data_dir
-        f"model={name}", "model.net.hidden=[64]", "data.labeled=100", f"paths.output_dir={tmp_path / 'eval'}",
+        f"model={name}", "model.net.hidden=[64]", *classifier, "data.labeled=100", f"paths.output_dir={tmp_path / 'eval'}",
         "eval.iwae_k=2", "data.eval_batch_size=200", "trainer.limit_test_batches=1", "eval.sample_quality=false",
         "eval.n_latent=200",
     )  # the model is named: train() ran without Hydra, so the run has no .hydra/config.yaml to restore

@@ -46,8 +46,9 @@ def gaussian(params: torch.Tensor) -> Independent:
 
 class ADGM(ClassSummed):
     """The ADGM; ``SDGM`` is the same model with ``skip``. Every network is built from ``net``
-    (its image input or output and dense layers; a, z and y enter the first dense layer);
-    ``samples`` draws of a per example enter the bounds and the training classifier,
+    (its image input or output and dense layers; a, z and y enter the first dense layer), the
+    classifier q(y|a,x) from ``classifier_net`` (default: ``net``; for a convolutional one the
+    image's features are computed once for all draws of a); ``samples`` draws of a per example enter the bounds and the training classifier,
     ``classify_samples`` the classifier outside training; ``posterior`` must be Gaussian."""
 
     skip = False
@@ -63,6 +64,7 @@ class ADGM(ClassSummed):
         samples: int = 1,
         classify_samples: int = 10,
         posterior: str | Mapping | None = None,
+        classifier_net: Mapping | None = None,
     ) -> None:
         super().__init__(num_classes)
         kind = Posterior.from_spec(posterior, z_dim).type
@@ -77,7 +79,7 @@ class ADGM(ClassSummed):
         channels, *size = self.input_shape
         decoder_shape = (self.likelihood.params_per_channel * channels, *size)
         self.qa = Encoder(net, self.input_shape, 2 * a_dim)
-        self.qy = Encoder(net, self.input_shape, num_classes, more=[a_dim])
+        self.qy = Encoder(classifier_net or net, self.input_shape, num_classes, more=[a_dim])
         self.qz = Encoder(net, self.input_shape, 2 * z_dim, num_classes, more=[a_dim])
         if self.skip:
             self.pa = dense(z_dim, 2 * a_dim, net_options(net), num_classes, reverse=True)
