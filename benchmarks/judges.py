@@ -37,7 +37,7 @@ def run_config(checkpoint: Path):
         raise FileNotFoundError(f"No run config ({saved}) beside {checkpoint}; give a checkpoint in <run>/checkpoints/ of a train.py run.")
     cfg = OmegaConf.load(saved)
     for section in ("model", "data"):
-        check_targets(cfg.get(section), OWN_TARGETS, str(saved), section)
+        check_targets(cfg.get(section), OWN_TARGETS, str(saved), section, option=None)
     return cfg
 
 

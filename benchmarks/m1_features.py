@@ -59,7 +59,7 @@ def run_config(checkpoint: Path):
         if saved.is_file():
             cfg = OmegaConf.load(saved)
             for section in ("model", "data"):  # built below: only vaelab's classes
-                check_targets(cfg.get(section), OWN_TARGETS, str(saved), section)
+                check_targets(cfg.get(section), OWN_TARGETS, str(saved), section, option=None)
             if cfg.model._target_ in ("vaelab.models.VAE", "vaelab.models.M1M2") and cfg.model.get("num_classes") in (None, cfg.data.num_classes):
                 return cfg
             raise ValueError(f"{checkpoint} belongs to a {cfg.model._target_} run; give the checkpoint of an M1 (a model=vae run, or <m1m2 run>/m1/checkpoints/last.ckpt).")

@@ -144,10 +144,11 @@ def load_part(path: str | Path, part: nn.Module, prefix: str, what: str) -> None
     part.load_state_dict(weights)
 
 
-def check_targets(node: Any, allowed: Sequence[str], source: str, key: str = "") -> None:
+def check_targets(node: Any, allowed: Sequence[str], source: str, key: str = "", option: str | None = "restore_targets") -> None:
     """Refuse a ``_target_`` in ``node`` (restored from ``source``) outside the ``allowed``
     prefixes: a config restored from a run directory or checkpoint is data, and building it must
-    not run code that the project does not ship or the user did not allow."""
+    not run code that the project does not ship or the user did not allow. ``option``: the
+    setting that allows more (None where the caller has none)."""
     if isinstance(node, (DictConfig, ListConfig)):
         node = OmegaConf.to_container(node, resolve=False)
     if isinstance(node, dict):
@@ -155,13 +156,15 @@ def check_targets(node: Any, allowed: Sequence[str], source: str, key: str = "")
         if target is not None and not str(target).startswith(tuple(allowed)):
             raise ValueError(
                 f"{source} asks to build {target!r} (at {key or 'its top'}), which is not one of vaelab's own classes; "
-                f"refused without running it. If you trust that run, allow it: restore_targets='[{', '.join([*allowed, str(target)])}]'."
+                f"refused without running it. "
+                + (f"If you trust that run, allow it: {option}='[{', '.join([*allowed, str(target)])}]'." if option else
+                   "This script builds vaelab's own classes only.")
             )
         for name, value in node.items():
-            check_targets(value, allowed, source, f"{key}.{name}" if key else str(name))
+            check_targets(value, allowed, source, f"{key}.{name}" if key else str(name), option)
     elif isinstance(node, list):
         for index, value in enumerate(node):
-            check_targets(value, allowed, source, f"{key}[{index}]")
+            check_targets(value, allowed, source, f"{key}[{index}]", option)
 
 
 def restore_run_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
