@@ -222,6 +222,7 @@ def test_the_command_trains_and_evaluates(name, classifier, quick_overrides, tmp
     assert {"val/acc", "val/kl_a", "test/acc"} <= set(metrics) and metrics["val/elbo"] < 0
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert any(key.endswith("running_mean") for key in state)  # batch normalisation's statistics
+    assert any(key.startswith("model.qy.features.") for key in state) == bool(classifier)  # q(y|a,x)'s convolutions
     result = run_script(
         "evaluate.py", f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", quick_overrides[0],  # paths.data_dir
         f"model={name}", "model.net.hidden=[64]", *classifier, "data.labeled=100", f"paths.output_dir={tmp_path / 'eval'}",

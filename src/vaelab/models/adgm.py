@@ -46,10 +46,11 @@ def gaussian(params: torch.Tensor) -> Independent:
 
 class ADGM(ClassSummed):
     """The ADGM; ``SDGM`` is the same model with ``skip``. Every network is built from ``net``
-    (its image input or output and dense layers; a, z and y enter the first dense layer), the
-    classifier q(y|a,x) from ``classifier_net`` (default: ``net``; for a convolutional one the
-    image's features are computed once for all draws of a); ``samples`` draws of a per example enter the bounds and the training classifier,
-    ``classify_samples`` the classifier outside training; ``posterior`` must be Gaussian."""
+    (its image input or output and dense layers; a, z and y enter the first dense layer), but the
+    classifier q(y|a,x) from ``classifier_net`` if given (a convolutional one computes the image's
+    features once for all draws of a); ``samples`` draws of a per example enter the bounds and the
+    training classifier, ``classify_samples`` the classifier outside training; ``posterior`` must
+    be Gaussian."""
 
     skip = False
 
