@@ -93,8 +93,8 @@ def test_judges_scores_one_checkpoints_samples_with_each_judge_and_records_it(qu
 def test_the_checkpoint_scripts_refuse_a_run_config_that_builds_foreign_code(script, tmp_path):
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text(
-        "model:\n  _target_: vaelab.models.VAE\ndata:\n  _target_: os.system\n  command: echo owned\n")
-    with pytest.raises(ValueError, match=r"asks to build 'os.system' \(at data\).*refused without running it\. This script builds vaelab's own classes only\.$"):
+        "model:\n  _target_: vaelab.models.VAE\ndata:\n  _target_: vaelab.data.MNISTDataModule\n  transform:\n    _target_: os.system\n    command: echo owned\n")
+    with pytest.raises(ValueError, match=r"asks to build 'os.system' \(at data.transform\).*refused without running it\. This script builds vaelab's own classes only\.$"):
         load(script).run_config(tmp_path / "checkpoints" / "last.ckpt")
 
 

@@ -319,7 +319,8 @@ def test_a_restored_run_config_may_not_build_a_foreign_target(key, where, quick_
     source, copy = files_to_copy
     foreign = {"_target_": "shutil.copyfile", "_args_": [str(source), str(copy)]}
     checkpoint = run_with_saved_config(tmp_path, quick_overrides, key, [500, foreign] if key.endswith("hidden") else foreign)
-    with pytest.raises(ValueError, match=re.escape(f"asks to build 'shutil.copyfile' (at {where})") + ".*refused without running it"):
+    with pytest.raises(ValueError, match=re.escape(f"asks to build 'shutil.copyfile' (at {where})") + ".*refused without running it. "
+                       + re.escape("If you trust that run, allow it: restore_targets='[vaelab., shutil.copyfile]'.")):
         evaluate(compose_config("evaluate", evaluate_overrides(quick_overrides, tmp_path, checkpoint)))
     assert not copy.exists()
     assert not (tmp_path / "eval" / "metrics.json").exists()
